@@ -1,0 +1,105 @@
+"""nn.Module wrappers around `functional`: parameter validation, VeLU's learnable scale and the
+auxiliary-loss bookkeeping. Names and presets live in `registry.py`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+
+def _check_finite(name: str, value, *, positive: bool = False, non_negative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_order(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"N must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+class GEM(nn.Module):
+    """GEM, E-GEM and SE-GEM in one module: x * g(|x|) with g(s) = s^2N / (eps + s^2N), scaled by
+    `a` for x < 0. GEM is eps = 1, a = 0; E-GEM is a = 0; SE-GEM is a > 0 (no dead neurons)."""
+
+    def __init__(self, n: int = 2, eps: float = 1.0, a: float = 0.0):
+        super().__init__()
+        self.n = _check_order(n)
+        self.eps = _check_finite("eps", eps, positive=True)
+        self.a = _check_finite("a", a, non_negative=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gem(x, self.n, self.eps, self.a)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, eps={self.eps:g}, a={self.a:g}"
+
+
+class VeLU(nn.Module):
+    """VeLU (Shakarami et al., arXiv 2504.15051) as the authors' code computes it.
+
+    Per call the module records `lambda_ot * W2^2` of its pre-scale output y against N(0, 1);
+    `hf_gemact.auxiliary_loss(model)` sums those records of the model's last forward pass.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        beta1: float = 0.1,
+        beta2: float = 0.1,
+        gamma: float = 0.1,
+        mu: float = 0.9,
+        eps: float = 1e-6,
+        lambda_ot: float = 0.1,
+        dim: int = -1,
+    ):
+        super().__init__()
+        self.alpha = _check_finite("alpha", alpha)
+        self.beta1 = _check_finite("beta1", beta1)
+        self.beta2 = _check_finite("beta2", beta2)
+        self.gamma = _check_finite("gamma", gamma)
+        self.mu = _check_finite("mu", mu)
+        self.eps = _check_finite("eps", eps, positive=True)
+        self.lambda_ot = _check_finite("lambda_ot", lambda_ot, non_negative=True)
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise ValueError(f"dim must be an integer, got {dim!r}")
+        self.dim = int(dim)
+        self.lam = nn.Parameter(torch.ones(()))
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.lam.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, mean, std = F.velu(
+            x, self.lam, self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
+            return_stats=True,
+        )
+        self.last_aux_loss = F.wasserstein_aux_loss(mean, std, self.lambda_ot)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha:g}, beta1={self.beta1:g}, beta2={self.beta2:g}, gamma={self.gamma:g}, "
+            f"mu={self.mu:g}, eps={self.eps:g}, lambda_ot={self.lambda_ot:g}, dim={self.dim}"
+        )
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor:
+    """Differentiable sum of the auxiliary terms of the model's last forward pass (0 if none)."""
+    terms = [m.last_aux_loss for m in model.modules() if getattr(m, "last_aux_loss", None) is not None]
+    if terms:
+        return torch.stack([t.float() for t in terms]).sum()
+    param = next(model.parameters(), None)
+    return torch.zeros((), device=param.device if param is not None else None)
