@@ -198,6 +198,12 @@ def _install_act2fn() -> None:
 
     activations.ACT2FN.__class__ = GemactClassInstantier
 
+    def get_activation(activation_string):
+        """transformers' get_activation, whose KeyError for a bad name now shows the grammar."""
+        return activations.ACT2FN[activation_string]
+
+    activations.get_activation = get_activation
+
 
 def _install_init_hook() -> None:
     """Give learnable activation parameters their initial value whenever transformers initialises
