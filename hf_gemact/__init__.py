@@ -23,8 +23,11 @@ __version__ = "0.1.0"
 
 _registry.install()
 
+from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend  # noqa: E402
+
 __all__ = [
     "GEM", "VeLU", "gem", "velu", "wasserstein_aux_loss", "auxiliary_loss",
     "FAMILIES", "PRESETS", "ActivationSpec", "UnknownActivationError", "format_activation",
     "grammar_help", "is_activation_name", "make_activation", "parse_activation",
 ]
+__all__ += ["patch_activations", "restore_activations", "set_blend", "finalize_blend", "activation_drift"]
