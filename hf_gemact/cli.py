@@ -9,6 +9,7 @@ import sys
 # module path -> that module defines `add_subcommands(subparsers)`; each subparser sets `func`.
 COMMAND_MODULES = [
     "hf_gemact.plotting",
+    "hf_gemact.surgery_cli",
     "hf_gemact.sweep",
 ]
 
