@@ -1,0 +1,405 @@
+"""The three tasks: how each builds its model and datasets and how it scores a validation batch.
+
+The loop (`loop.py`) knows nothing task-specific; a task returns a `Setup` and scores batches as
+per-example sums (loss summed over the example's scored tokens, and their count), which
+`hf_gemact.metrics.mean_loss` turns into a mean loss exactly, whatever the batching or the number
+of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+from .args import UsageError
+
+ACTIVATION_ATTRS = ("activation_function", "hidden_act", "hidden_activation")
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    train_dataset: Any
+    eval_dataset: Any
+    processor: Any  # tokenizer or image processor, saved beside the model
+    collate_fn: Callable | None = None
+    info: dict = field(default_factory=dict)  # extra facts for metrics.json
+
+
+# ----------------------------------------------------------------------------- model / config
+
+
+def activation_attr(config) -> str | None:
+    for attr in ACTIVATION_ATTRS:
+        if hasattr(config, attr):
+            return attr
+    return None
+
+
+def build_config(args, defaults: dict | None = None):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if args.model_name_or_path:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+    elif args.config_name:
+        config = AutoConfig.from_pretrained(args.config_name)
+    else:
+        if args.model_type not in CONFIG_MAPPING:
+            raise UsageError(f"--model_type {args.model_type!r} is not a transformers model type")
+        config = CONFIG_MAPPING[args.model_type](**(defaults or {}))
+    if args.config_overrides:
+        try:
+            config.update_from_string(args.config_overrides)
+        except ValueError as err:
+            raise UsageError(f"--config_overrides {args.config_overrides!r}: {err}") from None
+    if args.activation and not args.model_name_or_path:
+        attr = activation_attr(config)
+        if attr is None:
+            raise UsageError(f"{type(config).__name__} has no activation field ({', '.join(ACTIVATION_ATTRS)})")
+        setattr(config, attr, args.activation)
+    return config
+
+
+def build_model(auto_class, args, config, **kwargs):
+    if args.model_name_or_path:
+        model = auto_class.from_pretrained(args.model_name_or_path, config=config, **kwargs)
+        if args.activation:
+            import hf_gemact
+
+            if not hasattr(hf_gemact, "patch_activations"):
+                raise UsageError("--activation on a pretrained model needs hf_gemact.patch_activations "
+                                 "(model surgery), which this installation lacks")
+            report = hf_gemact.patch_activations(model, args.activation, blend=args.blend_steps > 0)
+            return model, report
+        return model, None
+    return auto_class.from_config(config), None
+
+
+def current_activation(model, args) -> str | None:
+    if args.activation:
+        return args.activation
+    attr = activation_attr(model.config)
+    return getattr(model.config, attr) if attr else None
+
+
+def per_example_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of scored tokens) per example; labels -100 are skipped."""
+    loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="none")
+    loss = loss.view(labels.shape)
+    if loss.dim() == 1:
+        return loss, (labels != -100).long()
+    return loss.sum(-1), (labels != -100).sum(-1)
+
+
+# ----------------------------------------------------------------------------- text tasks
+
+
+def load_tokenizer(args, raw, column, task):
+    from transformers import AutoTokenizer
+
+    source = args.tokenizer_name or args.model_name_or_path
+    if source:
+        return AutoTokenizer.from_pretrained(source)
+    train = raw["train"]
+
+    def texts():
+        for i in range(0, len(train), 1000):
+            yield from (t for t in train[i: i + 1000][column] if t)
+
+    return data.train_bpe_tokenizer(texts, task, args.vocab_size, data.text_fingerprint(train, column))
+
+
+def _map_kwargs(args, desc):
+    return dict(batched=True, num_proc=args.preprocessing_num_workers,
+                load_from_cache_file=not args.overwrite_cache, desc=desc)
+
+
+def _select(dataset, n):
+    return dataset.select(range(min(n, len(dataset)))) if n is not None else dataset
+
+
+def _tokenize(raw, column, tokenizer, args, **tok_kwargs):
+    def tokenize(batch):
+        return tokenizer([t or "" for t in batch[column]], **tok_kwargs)
+
+    return raw.map(tokenize, remove_columns=raw["train"].column_names, **_map_kwargs(args, "tokenizing"))
+
+
+def _check_blocks(ds, size_flag, size):
+    for split in ("train", "validation"):
+        if len(ds[split]) == 0:
+            raise UsageError(f"the {split} split is too small for one block of {size} tokens "
+                             f"({size_flag}); give more text or a smaller {size_flag}")
+
+
+class CausalLM:
+    name, unit, best_key, greater_is_better = "clm", "tokens", "loss", False
+    metric_keys = ("loss", "perplexity")
+
+    def setup(self, args, accelerator) -> Setup:
+        from transformers import AutoModelForCausalLM
+
+        config = build_config(args)
+        with accelerator.main_process_first():
+            raw, column = data.load_raw_text(args)
+            tokenizer = load_tokenizer(args, raw, column, "clm")
+        n_pos = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        block = args.block_size or min(1024, n_pos or 1024, tokenizer.model_max_length)
+        if n_pos and block > n_pos:
+            raise UsageError(f"--block_size {block} exceeds the model's context length {n_pos}")
+        args.block_size = block
+
+        def group(batch):
+            ids = [t for seq in batch["input_ids"] for t in seq]
+            n = len(ids) // block * block
+            chunks = [ids[i: i + block] for i in range(0, n, block)]
+            return {"input_ids": chunks, "attention_mask": [[1] * block for _ in chunks],
+                    "labels": [list(c) for c in chunks]}
+
+        with accelerator.main_process_first():
+            tokenized = _tokenize(raw, column, tokenizer, args)
+            lm = tokenized.map(group, remove_columns=tokenized["train"].column_names,
+                               **_map_kwargs(args, f"grouping into blocks of {block}"))
+        _check_blocks(lm, "--block_size", block)
+        if not args.model_name_or_path:
+            config.vocab_size = len(tokenizer)
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+        model, report = build_model(AutoModelForCausalLM, args, config)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        train, val = _select(lm["train"], args.max_train_samples), _select(lm["validation"], args.max_eval_samples)
+        train.set_format("torch")
+        val.set_format("torch")
+        return Setup(model, train, val, tokenizer, info={"block_size": block, "surgery": _report(report)})
+
+    def units(self, batch) -> int:
+        return batch["input_ids"].numel()
+
+    def eval_batch(self, model, batch) -> dict:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, count = per_example_ce(logits[:, :-1], batch["labels"][:, 1:])
+        return {"loss_sum": loss_sum, "count": count}
+
+
+def mask_tokens(ids, special, rng, prob, mask_id, vocab_size):
+    """BERT masking of one example: `prob` of the non-special positions are scored; of those 80%
+    become the mask token, 10% a random token, 10% stay. At least one position is scored."""
+    ids = np.array(ids, dtype=np.int64)
+    labels = np.full_like(ids, -100)
+    candidates = np.flatnonzero(np.asarray(special) == 0)
+    chosen = candidates[rng.random(len(candidates)) < prob]
+    if len(chosen) == 0 and len(candidates):
+        chosen = rng.choice(candidates, 1)
+    labels[chosen] = ids[chosen]
+    r = rng.random(len(chosen))
+    ids[chosen[r < 0.8]] = mask_id
+    swap = chosen[(r >= 0.8) & (r < 0.9)]
+    ids[swap] = rng.integers(vocab_size, size=len(swap))
+    return ids, labels
+
+
+class MaskedTrainSet(torch.utils.data.Dataset):
+    """Training examples masked afresh each epoch, as a pure function of (seed, epoch, index): no
+    global RNG is involved, so a resumed run sees exactly the masks the uninterrupted one saw."""
+
+    def __init__(self, dataset, seed, prob, mask_id, vocab_size):
+        self.dataset, self.seed, self.prob = dataset, seed, prob
+        self.mask_id, self.vocab_size, self.epoch = mask_id, vocab_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        row = self.dataset[int(i)]
+        rng = np.random.default_rng([self.seed, 1, self.epoch, int(i)])
+        ids, labels = mask_tokens(row["input_ids"], row["special_tokens_mask"], rng, self.prob,
+                                  self.mask_id, self.vocab_size)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "labels": torch.from_numpy(labels)}
+
+
+class MaskedLM:
+    name, unit, best_key, greater_is_better = "mlm", "tokens", "loss", False
+    metric_keys = ("loss", "perplexity")
+
+    def setup(self, args, accelerator) -> Setup:
+        from transformers import AutoModelForMaskedLM
+
+        config = build_config(args)
+        with accelerator.main_process_first():
+            raw, column = data.load_raw_text(args)
+            tokenizer = load_tokenizer(args, raw, column, "mlm")
+        if tokenizer.mask_token_id is None:
+            raise UsageError("the tokenizer has no mask token; masked LM needs one")
+        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        if cls_id is None or sep_id is None:
+            raise UsageError("the tokenizer needs cls/sep (or bos/eos) tokens for masked LM")
+        n_pos = getattr(config, "max_position_embeddings", None) or 512
+        seq = args.max_seq_length or min(512, n_pos)
+        if seq > n_pos:
+            raise UsageError(f"--max_seq_length {seq} exceeds the model's max_position_embeddings {n_pos}")
+        if seq < 3:
+            raise UsageError("--max_seq_length must be >= 3")
+        args.max_seq_length = seq
+        body = seq - 2
+
+        def group(batch):
+            ids = [t for s in batch["input_ids"] for t in s]
+            n = len(ids) // body * body
+            chunks = [[cls_id] + ids[i: i + body] + [sep_id] for i in range(0, n, body)]
+            return {"input_ids": chunks,
+                    "special_tokens_mask": [[1] + [0] * body + [1] for _ in chunks]}
+
+        mask_id, vocab = tokenizer.mask_token_id, len(tokenizer)
+        prob, eval_seed = args.mlm_probability, args.eval_mask_seed
+
+        def fixed_masks(batch, indices):
+            out = {"input_ids": [], "attention_mask": [], "labels": []}
+            for i, ids, special in zip(indices, batch["input_ids"], batch["special_tokens_mask"]):
+                masked, labels = mask_tokens(ids, special, np.random.default_rng([eval_seed, 0, i]),
+                                             prob, mask_id, vocab)
+                out["input_ids"].append(masked)
+                out["attention_mask"].append([1] * len(ids))
+                out["labels"].append(labels)
+            return out
+
+        with accelerator.main_process_first():
+            tokenized = _tokenize(raw, column, tokenizer, args, add_special_tokens=False)
+            lm = tokenized.map(group, remove_columns=tokenized["train"].column_names,
+                               **_map_kwargs(args, f"grouping into sequences of {seq}"))
+            _check_blocks(lm, "--max_seq_length", seq)
+            val = _select(lm["validation"], args.max_eval_samples)
+            val = val.map(fixed_masks, with_indices=True, remove_columns=val.column_names,
+                          **_map_kwargs(args, f"fixed validation masks (seed {eval_seed})"))
+        if not args.model_name_or_path:
+            config.vocab_size = vocab
+            config.pad_token_id = tokenizer.pad_token_id
+        model, report = build_model(AutoModelForMaskedLM, args, config)
+        if vocab > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab)
+        train = MaskedTrainSet(_select(lm["train"], args.max_train_samples), args.seed, prob, mask_id, vocab)
+        val.set_format("torch")
+        return Setup(model, train, val, tokenizer,
+                     info={"max_seq_length": seq, "eval_mask_seed": eval_seed, "surgery": _report(report)})
+
+    def units(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def eval_batch(self, model, batch) -> dict:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, count = per_example_ce(logits, batch["labels"])
+        return {"loss_sum": loss_sum, "count": count}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+VIT_DEFAULTS = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=192, num_hidden_layers=6,
+                    num_attention_heads=3, intermediate_size=768)
+
+
+def _first(columns, names, flag):
+    for n in names:
+        if n in columns:
+            return n
+    raise UsageError(f"no column among {names} in {columns}; pass {flag}")
+
+
+class ImageClassification:
+    name, unit, best_key, greater_is_better = "image", "samples", "accuracy", True
+    metric_keys = ("loss", "accuracy")
+
+    def setup(self, args, accelerator) -> Setup:
+        import datasets
+        from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
+
+        with accelerator.main_process_first():
+            if args.dataset_name:
+                raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+                raw = data._ensure_validation(raw, args)
+            elif args.train_file:
+                files = {"train": f"{args.train_file}/**"}
+                if args.validation_file:
+                    files["validation"] = f"{args.validation_file}/**"
+                raw = data._ensure_validation(datasets.load_dataset("imagefolder", data_files=files), args)
+            else:
+                raw = data.load_fashion_mnist()
+        cols = raw["train"].column_names
+        image_col = args.image_column_name or _first(cols, ("image", "img", "pixel_values"), "--image_column_name")
+        label_col = args.label_column_name or _first(cols, ("label", "labels", "fine_label"), "--label_column_name")
+        feature = raw["train"].features[label_col]
+        names = feature.names if hasattr(feature, "names") else sorted(set(raw["train"][label_col]))
+        names = [str(n) for n in names]
+
+        defaults = VIT_DEFAULTS if args.model_type == "vit" else None
+        config = build_config(args, defaults)
+        config.num_labels = len(names)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
+        channels = getattr(config, "num_channels", 3)
+        size = getattr(config, "image_size", 224)
+        if args.model_name_or_path:
+            try:
+                processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+            except OSError:
+                processor = None
+        else:
+            processor = None
+        if processor is None:
+            processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * channels,
+                                          image_std=[0.5] * channels)
+
+        def to_array(img):
+            if hasattr(img, "convert"):  # PIL
+                img = img.convert("L" if channels == 1 else "RGB")
+            a = np.asarray(img, dtype=np.uint8)
+            if a.ndim == 2:
+                a = a[:, :, None]
+            if a.shape[-1] == 1 and channels == 3:
+                a = np.repeat(a, 3, axis=-1)
+            return a
+
+        def transform(batch):
+            pixels = processor([to_array(im) for im in batch[image_col]], input_data_format="channels_last",
+                               return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixels, "labels": torch.as_tensor(batch[label_col], dtype=torch.long)}
+
+        model, report = build_model(AutoModelForImageClassification, args, config,
+                                    **({"ignore_mismatched_sizes": True} if args.model_name_or_path else {}))
+        train = _select(raw["train"], args.max_train_samples).with_transform(transform)
+        val = _select(raw["validation"], args.max_eval_samples).with_transform(transform)
+        if len(train) == 0 or len(val) == 0:
+            raise UsageError("the training or validation image set is empty")
+        return Setup(model, train, val, processor, info={"labels": names, "surgery": _report(report)})
+
+    def units(self, batch) -> int:
+        return batch["labels"].shape[0]
+
+    def eval_batch(self, model, batch) -> dict:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        loss_sum, count = per_example_ce(logits, batch["labels"])
+        return {"loss_sum": loss_sum, "count": count, "pred": logits.argmax(-1), "label": batch["labels"]}
+
+
+def _report(report):
+    if report is None:
+        return None
+    if isinstance(report, (dict, list, str, int, float)):
+        return report
+    for attr in ("to_dict", "as_dict"):
+        if hasattr(report, attr):
+            return getattr(report, attr)()
+    return str(report)
+
+
+TASKS = {"clm": CausalLM, "mlm": MaskedLM, "image": ImageClassification}
