@@ -28,12 +28,14 @@ from .tasks import TASKS, current_activation
 
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation that is a pure function of (seed, epoch): the same on every process, and the
-    same after a resume (no generator state to carry)."""
+    same after a resume (no generator state to carry). The epoch is set with `use_epoch`, not
+    `set_epoch`: accelerate calls `set_epoch(number of times this loader was iterated)`, which is
+    wrong for the loader that skip_first_batches builds on resume."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
@@ -156,6 +158,7 @@ def run(task: str, argv=None) -> dict:
     model = setup.model
     blend = args.blend_steps > 0
     if blend and resume_state and resume_state["step"] >= args.blend_steps:
+        hf_gemact.set_blend(model, 1.0)  # the checkpoint was saved after the blend was finalized
         hf_gemact.finalize_blend(model)
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
@@ -257,9 +260,9 @@ def run(task: str, argv=None) -> dict:
             break
         if epoch != st["epoch"]:
             st["epoch"], st["batches_in_epoch"] = epoch, 0
-        sampler.set_epoch(epoch)
-        if hasattr(setup.train_dataset, "set_epoch"):
-            setup.train_dataset.set_epoch(epoch)
+        sampler.use_epoch(epoch)
+        if hasattr(setup.train_dataset, "use_epoch"):
+            setup.train_dataset.use_epoch(epoch)
         skip = st["batches_in_epoch"]
         epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
         for group in _grouped(epoch_dl, accum):

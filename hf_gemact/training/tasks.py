@@ -206,13 +206,14 @@ def mask_tokens(ids, special, rng, prob, mask_id, vocab_size):
 
 class MaskedTrainSet(torch.utils.data.Dataset):
     """Training examples masked afresh each epoch, as a pure function of (seed, epoch, index): no
-    global RNG is involved, so a resumed run sees exactly the masks the uninterrupted one saw."""
+    global RNG is involved, so a resumed run sees exactly the masks the uninterrupted one saw.
+    (`use_epoch`, not `set_epoch`, which accelerate would call with its own iteration count.)"""
 
     def __init__(self, dataset, seed, prob, mask_id, vocab_size):
         self.dataset, self.seed, self.prob = dataset, seed, prob
         self.mask_id, self.vocab_size, self.epoch = mask_id, vocab_size, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self):
@@ -321,7 +322,12 @@ class ImageClassification:
 
     def setup(self, args, accelerator) -> Setup:
         import datasets
-        from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTImageProcessor
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        try:  # transformers 5: the PIL backend, which needs no torchvision
+            from transformers import ViTImageProcessorPil as ViTImageProcessor
+        except ImportError:
+            from transformers import ViTImageProcessor
 
         with accelerator.main_process_first():
             if args.dataset_name:
