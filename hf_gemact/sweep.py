@@ -26,6 +26,8 @@ SCRIPTS = {
     "image": "run_image_classification.py",
 }
 HIGHER_IS_BETTER = ("accuracy", "acc", "f1")
+# the metric each paper reports: GPT-2 perplexity, BERT validation loss, ViT accuracy
+PRIMARY_METRIC = {"clm": "perplexity", "mlm": "loss", "image": "accuracy"}
 
 
 @dataclass
@@ -102,15 +104,16 @@ def mean_std(values) -> tuple:
 
 def run_row(run: Run) -> dict:
     m = json.loads((run.output_dir / "metrics.json").read_text())
-    metric = m["metric"]
+    metric = PRIMARY_METRIC.get(m.get("task"), "loss")
+    speed_key = next((k for k in m if k.endswith("_per_s")), None)
     return {
         "activation": run.activation,
         "seed": run.seed,
         "metric": metric,
         "final": m["final"][metric],
         "best": m["best"][metric],
-        "throughput": m.get("throughput"),
-        "throughput_unit": m.get("throughput_unit", ""),
+        "throughput": m.get(speed_key),
+        "throughput_unit": speed_key.replace("_per_s", "/s") if speed_key else "",
         "steps": m.get("steps"),
         "wall_time_s": m.get("wall_time_s"),
         "output_dir": str(run.output_dir),

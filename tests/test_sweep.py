@@ -1,0 +1,66 @@
+"""`hf-gemact sweep` end to end on a 2-activation x 2-seed grid of tiny real GPT-2 runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hf_gemact.plotting import is_png
+
+TINY_CLM = ["--config_overrides", "n_layer=1,n_embd=32,n_head=2,n_positions=32", "--block_size", "32",
+            "--vocab_size", "300", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+            "--max_train_steps", "6", "--eval_steps", "3", "--learning_rate", "3e-3", "--no_save_model"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data):
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
+    d = tmp_path_factory.mktemp("sweep_corpus")
+    (d / "train.txt").write_text(text[:20_000])
+    (d / "valid.txt").write_text(text[-4_000:])
+    return d
+
+
+def sweep_command(corpus: Path, out: Path) -> list:
+    return [sys.executable, "-m", "hf_gemact.cli", "sweep", "--task", "clm", "--activations", "gelu", "gem_n2",
+            "--seeds", "0", "1", "--output_dir", str(out), "--",
+            "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"), *TINY_CLM]
+
+
+def test_sweep_tables_plots_and_resume_after_a_kill(corpus, tmp_path):
+    env = {**os.environ, "HF_GEMACT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "sweep"
+    first = out / "gelu" / "seed0" / "metrics.json"
+
+    # start the sweep and kill it as soon as its first run has finished
+    proc = subprocess.Popen(sweep_command(corpus, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), proc.communicate()[0].decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_at = first.stat().st_mtime_ns
+    assert not (out / "gem_n2" / "seed1" / "metrics.json").exists()
+
+    result = subprocess.run(sweep_command(corpus, out), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"skip finished {first.parent}" in result.stdout
+    assert first.stat().st_mtime_ns == finished_at  # the finished run was not redone
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["activation"], r["seed"]) for r in rows) == [("gelu", "0"), ("gelu", "1"), ("gem_n2", "0"),
+                                                                  ("gem_n2", "1")]
+    assert all(r["metric"] == "perplexity" and float(r["final"]) > 1 for r in rows)
+    table = (out / "results.md").read_text()
+    assert "| gelu | 2 |" in table and "| gem_n2 | 2 |" in table
+    assert is_png(out / "curves.png")
