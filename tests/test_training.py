@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_gemact.training import UsageError, checkpoint, run
-from hf_gemact.training.args import build_parser
+from hf_gemact.training.args import build_parser, check_activation
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "train_scripts"
@@ -295,17 +295,16 @@ def _documented_commands():
 
 
 def test_accelerate_configs_parse():
-    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = sorted((SCRIPTS / "configs").glob("*.yaml"))
-    assert {p.stem for p in configs} >= {"ddp_8gpu", "fsdp_8gpu", "cpu_2proc"}
-    for path in configs:
-        cfg = yaml.safe_load(path.read_text())
-        assert cfg["compute_environment"] == "LOCAL_MACHINE"
-        assert cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "NO", "MULTI_CPU")
-        assert int(cfg["num_processes"]) >= 1
-    fsdp = yaml.safe_load((SCRIPTS / "configs" / "fsdp_8gpu.yaml").read_text())
-    assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 8 and fsdp["fsdp_config"]
+    configs = {p.stem: load_config_from_file(str(p)) for p in sorted((SCRIPTS / "configs").glob("*.yaml"))}
+    assert set(configs) >= {"ddp_8gpu", "fsdp_8gpu", "ddp_1gpu", "cpu_2proc"}
+    assert configs["ddp_8gpu"].distributed_type == "MULTI_GPU" and configs["ddp_8gpu"].num_processes == 8
+    assert configs["ddp_8gpu"].mixed_precision == "bf16"
+    fsdp = configs["fsdp_8gpu"]
+    assert fsdp.distributed_type == "FSDP" and fsdp.num_processes == 8
+    assert fsdp.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert configs["cpu_2proc"].distributed_type == "MULTI_CPU" and configs["cpu_2proc"].use_cpu
 
 
 def test_documented_commands_parse():
@@ -314,11 +313,13 @@ def test_documented_commands_parse():
     commands = _documented_commands()
     assert len(commands) >= 4
     for cmd in commands:
-        words = shlex.split(cmd.split(";")[-1].split(" do ")[-1])
+        words = shlex.split(cmd)
         i = next(k for k, w in enumerate(words) if w.startswith("train_scripts/run_"))
         script = Path(words[i]).stem
         task = {"run_clm": "clm", "run_mlm": "mlm", "run_image_classification": "image"}[script]
-        argv = [w.replace("$seed", "1").replace("${seed}", "1") for w in words[i + 1:]]
-        build_parser(task).parse_args(argv)
+        argv = [w.replace("$seed", "1").replace("$act", "gem") for w in words[i + 1:]]
+        args = build_parser(task).parse_args(argv)
+        if args.activation:
+            check_activation(args.activation)
         if "--config_file" in words:
             assert (REPO / words[words.index("--config_file") + 1]).is_file()
