@@ -87,7 +87,8 @@ def clm_velu_run(corpus, tmp_path_factory):
     os.environ.setdefault("HF_GEMACT_CACHE", str(tmp_path_factory.getbasetemp() / "hf_gemact_cache"))
     out = tmp_path_factory.mktemp("clm_velu") / "out"
     summary = run("clm", text_args(corpus, out, *GPT2_TINY, "--activation", "velu", "--max_train_steps", "6",
-                                   "--eval_steps", "3", "--checkpointing_steps", "3"))
+                                   "--eval_steps", "3", "--checkpointing_steps", "3",
+                                   "--with_tracking", "--report_to", "tensorboard"))
     return out, summary
 
 
@@ -110,6 +111,7 @@ def test_clm_end_to_end_outputs(clm_velu_run):
     assert (out / "step_3" / checkpoint.STATE_FILE).is_file() and (out / "step_6").is_dir()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
+    assert list(out.rglob("events.out.tfevents.*"))  # --with_tracking --report_to tensorboard
 
 
 def test_velu_aux_loss_in_train_loss_not_in_val_loss(clm_velu_run, corpus):
@@ -226,6 +228,25 @@ def test_image_classification_fashion_mnist(shared_data, tmp_path):
     assert 0.0 <= s["final"]["accuracy"] <= 1.0 and s["final"]["loss"] > 0
     assert s["labels"][0] == "T-shirt/top"
     assert (out / "preprocessor_config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_image_classification_from_image_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for label, level in (("dark", 40), ("light", 210)):
+            d = tmp_path / split / label
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(level, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    s = run("image", ["--train_file", str(tmp_path / "train"), "--validation_file", str(tmp_path / "val"),
+                      "--output_dir", str(tmp_path / "out"), *VIT_TINY, "--max_train_steps", "3",
+                      "--per_device_train_batch_size", "4", "--learning_rate", "1e-3"])
+    assert s["labels"] == ["dark", "light"] and 0.0 <= s["final"]["accuracy"] <= 1.0
+    assert [r for r in read_log(tmp_path / "out") if r["split"] == "eval"][-1]["eval_samples"] == 6
 
 
 # ----------------------------------------------------------------------------- bad input
