@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# CPU-scale replication of the GEM and VeLU papers' comparisons (docs/RESULTS.md).
+# 2 CPU cores: about 20 minutes per task sweep. Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery]...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-outputs/replication}
+ACTS="gelu relu gem_n1 gem_n2 egem segem velu"
+TEXT=(--train_file "$DATA/text/tinyshakespeare.txt" --validation_split_percentage 10 --vocab_size 4096)
+COMMON=(--learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 250 --eval_steps 50
+        --no_save_model)
+
+tasks=("$@")
+[ $# -gt 0 ] || tasks=(clm mlm image surgery)
+for task in "${tasks[@]}"; do
+  case $task in
+  clm)
+    hf-gemact sweep --task clm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/clm" -- "${TEXT[@]}" "${COMMON[@]}" \
+      --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 ;;
+  mlm)
+    hf-gemact sweep --task mlm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/mlm" -- "${TEXT[@]}" "${COMMON[@]}" \
+      --config_overrides hidden_size=128,num_hidden_layers=2,num_attention_heads=4,intermediate_size=512,max_position_embeddings=128 \
+      --max_seq_length 128 --per_device_train_batch_size 16 ;;
+  image)
+    hf-gemact sweep --task image --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/image" -- "${COMMON[@]}" \
+      --config_overrides hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128 \
+      --per_device_train_batch_size 64 --max_eval_samples 2000 ;;
+  surgery)
+    # a GPT-2 trained with its own activation (gelu_new), then patched to GEM: right after the patch,
+    # and recovering with and without gradual blending (t ramped over the first 50 steps)
+    S="$OUT/surgery"
+    [ -f "$S/base/metrics.json" ] || python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
+      --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
+      --learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 500 --eval_steps 100 \
+      --output_dir "$S/base" --overwrite_output_dir
+    for blend in 0 50; do
+      for seed in 0 1 2; do
+        python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" \
+          --block_size 128 --per_device_train_batch_size 16 --learning_rate 5e-4 --num_warmup_steps 0 \
+          --max_train_steps 150 --eval_steps 25 --blend_steps $blend --seed $seed --no_save_model \
+          --output_dir "$S/gem_blend$blend/seed$seed" --overwrite_output_dir
+      done
+    done
+    python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" --block_size 128 \
+      --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model ;;
+  *) echo "unknown task $task (clm, mlm, image, surgery)" >&2; exit 2 ;;
+  esac
+done
