@@ -6,6 +6,7 @@ through `transformers.activations.ACT2FN`, so `config.hidden_act = "gem"` just w
 
 from . import registry as _registry
 from .functional import gem, velu, wasserstein_aux_loss
+from .fused import fast_path_enabled, set_fast_path
 from .modules import GEM, VeLU, auxiliary_loss
 from .registry import (
     FAMILIES,
@@ -26,7 +27,7 @@ _registry.install()
 from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend  # noqa: E402
 
 __all__ = [
-    "GEM", "VeLU", "gem", "velu", "wasserstein_aux_loss", "auxiliary_loss",
+    "GEM", "VeLU", "gem", "velu", "wasserstein_aux_loss", "auxiliary_loss", "set_fast_path", "fast_path_enabled",
     "FAMILIES", "PRESETS", "ActivationSpec", "UnknownActivationError", "format_activation",
     "grammar_help", "is_activation_name", "make_activation", "parse_activation",
 ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused as _fused
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -66,12 +68,15 @@ class _GEMFunction(torch.autograd.Function):
     def forward(ctx, x, n, eps, a):
         ctx.save_for_backward(x)
         ctx.params = (n, eps, a)
-        return gem_forward(x, n, eps, a)
+        y = _fused.gem_forward(x, n, eps, a)  # compiled fast path, None where it does not apply
+        return gem_forward(x, n, eps, a) if y is None else y
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        grad_x = (grad_out * gem_derivative(x, *ctx.params)).to(x.dtype)
+        grad_x = _fused.gem_backward(x, grad_out, *ctx.params)
+        if grad_x is None:
+            grad_x = (grad_out * gem_derivative(x, *ctx.params)).to(x.dtype)
         return grad_x, None, None, None
 
 
@@ -150,13 +155,15 @@ class _VeLUFunction(torch.autograd.Function):
     def forward(ctx, x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
         ctx.save_for_backward(x, lam)
         ctx.params = (alpha, beta1, beta2, gamma, mu, eps, dim)
-        out, mean, std = velu_forward(x, lam, *ctx.params)
+        res = _fused.velu_forward(x, lam, *ctx.params)
+        out, mean, std = velu_forward(x, lam, *ctx.params) if res is None else res
         return out, mean, std
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_std):
         x, lam = ctx.saved_tensors
-        grad_x, grad_lam = velu_backward(x, lam, grad_out, grad_mean, grad_std, *ctx.params)
+        res = _fused.velu_backward(x, lam, grad_out, grad_mean, grad_std, *ctx.params)
+        grad_x, grad_lam = velu_backward(x, lam, grad_out, grad_mean, grad_std, *ctx.params) if res is None else res
         return grad_x, grad_lam, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,238 @@
+"""A fused fast path for the activations' forward and backward, through torch.compile.
+
+The GEM family is purely rational, so one fused elementwise pass (Inductor: C++/OpenMP on CPU,
+Triton on CUDA) reads x once and writes y once; the backward reads x and grad_out once and writes
+grad_x once, recomputing the gate instead of saving anything but x. Eager PyTorch instead runs
+about ten separate kernels, each a full pass over memory.
+
+How it is wired: `functional._GEMFunction` / `_VeLUFunction` ask this module first
+(`gem_forward`, `gem_backward`, `velu_forward`, `velu_backward` here); each returns None when the
+fast path does not apply, and the caller then runs its eager closed form. The compiled kernels
+trace the very same formulas from `functional`, so the numerics agree within dtype rounding and
+the NaN/inf rules are the same.
+
+The fast path is skipped (None) when:
+  * it is switched off: environment `HF_GEMACT_COMPILE=0` at import, or `set_fast_path(False)`;
+  * Dynamo is already tracing (`torch.compile(model)`): the eager math is traced into the model's
+    own graph instead, so whole-model compilation has no graph break;
+  * grad mode is on inside backward (create_graph=True, double backward): the eager backward is
+    differentiable, a compiled kernel is not;
+  * the dtype is not float32/float16/bfloat16 (float64 stays exact eager), the device is not CPU or
+    CUDA, or the tensor is a subclass (fake, functional, DTensor ...);
+  * the tensor is smaller than `min_numel` (default: see `_DEFAULT_MIN_NUMEL`), where one
+    compiled call's fixed overhead is no cheaper than the eager ops;
+  * compiling failed once for that kernel (no C++ compiler, no Triton, an Inductor error): a
+    warning is given once and that kernel stays eager from then on.
+
+Every kernel is compiled once per (activation parameters, dtype, device) with dynamic shapes, so a
+new batch size or sequence length does not recompile. Each kernel is generated as its own small
+function with the parameters written in as literals: Dynamo then specialises on them (N becomes an
+unrolled product, not a generic pow) and each kernel keeps its own compile cache.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+
+import torch
+
+__all__ = ["set_fast_path", "fast_path_enabled", "fast_path_info", "compile_times", "clear_cache"]
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses: fake, functional, DTensor, ...
+_DEFAULT_MIN_NUMEL = {"cpu": 4096, "cuda": 4096}
+
+
+def _env_enabled() -> bool:
+    return os.environ.get("HF_GEMACT_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_state = {"enabled": _env_enabled(), "min_numel": dict(_DEFAULT_MIN_NUMEL)}
+_kernels: dict = {}  # key -> compiled callable, or None where compiling failed
+_compile_times: dict = {}  # key -> seconds spent in the first call (tracing + compiling)
+_lock = threading.Lock()
+
+
+def set_fast_path(enabled: bool = True, *, min_numel: int | None = None) -> None:
+    """Switch the compiled fast path on or off for the whole process (off = eager closed form).
+
+    `min_numel` sets the size below which eager is used (for CPU and CUDA alike). The environment
+    variable HF_GEMACT_COMPILE=0 switches it off at import time.
+    """
+    _state["enabled"] = bool(enabled)
+    if min_numel is not None:
+        if int(min_numel) < 2:
+            raise ValueError("min_numel must be >= 2 (sizes 0 and 1 would specialise the kernels)")
+        _state["min_numel"] = {k: int(min_numel) for k in _DEFAULT_MIN_NUMEL}
+
+
+def fast_path_enabled() -> bool:
+    return _state["enabled"]
+
+
+def fast_path_info() -> dict:
+    """The switch, thresholds, compiled kernels (and which failed), for logs and bug reports."""
+    return {
+        "enabled": _state["enabled"],
+        "min_numel": dict(_state["min_numel"]),
+        "kernels": {_describe(k): ("ok" if v is not None else "failed (eager)") for k, v in _kernels.items()},
+    }
+
+
+def compile_times() -> dict:
+    """Seconds each kernel's first call took (Dynamo tracing plus Inductor compiling)."""
+    return {_describe(k): t for k, t in _compile_times.items()}
+
+
+def clear_cache() -> None:
+    """Forget compiled kernels (and failures); the next call compiles again."""
+    with _lock:
+        _kernels.clear()
+        _compile_times.clear()
+
+
+def _describe(key) -> str:
+    kind, params, dtype, device = key[:4]
+    extra = f",{key[4]}" if len(key) > 4 else ""
+    return f"{kind}{params}[{str(dtype).replace('torch.', '')},{device}{extra}]"
+
+
+# ----------------------------------------------------------------------------- applicability
+
+
+def _usable(x: torch.Tensor) -> bool:
+    # is_compiling first: under Dynamo nothing below may be evaluated (a numel test would guard).
+    if torch.compiler.is_compiling() or not _state["enabled"] or type(x) not in _PLAIN:
+        return False
+    if x.dtype not in _FAST_DTYPES:
+        return False
+    limit = _state["min_numel"].get(x.device.type)
+    return limit is not None and x.numel() >= limit
+
+
+# ----------------------------------------------------------------------------- kernel factory
+
+# Each kernel is a tiny function whose source names the parameters as literals (repr of an int or
+# float round-trips exactly), compiled into its own code object.
+_GEM_FWD_SRC = """
+def gem_fwd_kernel(x):
+    return F.gem_forward(x, {n!r}, {eps!r}, {a!r})
+"""
+_GEM_BWD_SRC = """
+def gem_bwd_kernel(x, grad_out):
+    return (grad_out * F.gem_derivative(x, {n!r}, {eps!r}, {a!r})).to(x.dtype)
+"""
+_VELU_FWD_SRC = """
+def velu_fwd_kernel(x, lam):
+    return F.velu_forward(x, lam, {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r})
+"""
+_VELU_BWD_SRC = """
+def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std):
+    return F.velu_backward(x, lam, grad_out, grad_mean, grad_std,
+                           {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r})
+"""
+
+
+def _make_kernel(src: str, name: str, params: dict):
+    from . import functional
+
+    namespace = {"F": functional}
+    exec(compile(src.format(**params), f"<hf_gemact.fused {name} {params}>", "exec"), namespace)
+    return torch.compile(namespace[name], dynamic=True, fullgraph=True)
+
+
+def _failed(key, err: Exception):
+    _kernels[key] = None
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    warnings.warn(
+        f"hf_gemact: the compiled fast path for {_describe(key)} is unavailable ({type(err).__name__}: "
+        f"{first}); using the eager implementation. HF_GEMACT_COMPILE=0 skips the attempt.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+    return None
+
+
+def _call(key, src, name, params, *args):
+    """Run the compiled kernel for `key`, compiling it on first use; None if it cannot be had."""
+    fn = _kernels.get(key, False)
+    if fn is None:
+        return None
+    if fn is not False:
+        try:
+            return fn(*args)
+        except Exception as err:  # e.g. a recompile for a new layout that fails: stay eager
+            return _failed(key, err)
+    with _lock:
+        fn = _kernels.get(key, False)
+        if fn is False:
+            t0 = time.perf_counter()
+            try:
+                fn = _make_kernel(src, name, params)
+                out = fn(*args)
+            except Exception as err:  # no compiler, unsupported platform, Inductor bug: stay eager
+                return _failed(key, err)
+            _compile_times[key] = time.perf_counter() - t0
+            _kernels[key] = fn
+            return out
+    return None if fn is None else fn(*args)
+
+
+# ----------------------------------------------------------------------------- GEM family
+
+
+def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
+    """Fused GEM forward of x (any shape), or None where the fast path does not apply."""
+    if not _usable(x):
+        return None
+    flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
+    key = ("gem_fwd", (n, eps, a), x.dtype, x.device.type)
+    y = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
+    return None if y is None else y.view(x.shape)
+
+
+def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a: float):
+    """Fused grad_out * GEM'(x) in x's dtype, or None (eager) where the fast path does not apply."""
+    if torch.is_grad_enabled() or not _usable(x) or type(grad_out) not in _PLAIN:
+        return None
+    if grad_out.shape != x.shape or grad_out.device != x.device:
+        return None
+    flat_x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
+    flat_g = grad_out.reshape(-1) if grad_out.is_contiguous() else grad_out.contiguous().view(-1)
+    key = ("gem_bwd", (n, eps, a), x.dtype, x.device.type, grad_out.dtype)
+    gx = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
+    return None if gx is None else gx.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- VeLU
+
+
+def _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim):
+    return {"alpha": alpha, "beta1": beta1, "beta2": beta2, "gamma": gamma, "mu": mu, "eps": eps, "dim": dim}
+
+
+def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
+    """Fused (lam * y, mean(y), std(y)), or None where the fast path does not apply."""
+    if not _usable(x) or type(lam) not in _PLAIN or lam.device != x.device:
+        return None
+    params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim)
+    key = ("velu_fwd", tuple(params.values()), x.dtype, x.device.type, lam.dtype)
+    return _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, x, lam)
+
+
+def velu_backward(x, lam, grad_out, grad_mean, grad_std, alpha, beta1, beta2, gamma, mu, eps, dim):
+    """Fused (grad_x, grad_lam), or None (eager) where the fast path does not apply."""
+    if torch.is_grad_enabled() or not _usable(x) or type(lam) not in _PLAIN:
+        return None
+    for t in (grad_out, grad_mean, grad_std):
+        if t is not None and (type(t) not in _PLAIN or t.device != x.device):
+            return None
+    if grad_out is None or grad_out.shape != x.shape:
+        return None
+    params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim)
+    variant = (grad_mean is not None, grad_std is not None, lam.requires_grad, grad_out.dtype, lam.dtype)
+    key = ("velu_bwd", tuple(params.values()), x.dtype, x.device.type, variant)
+    return _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, x, lam, grad_out, grad_mean, grad_std)
