@@ -140,8 +140,14 @@ def _make_kernel(src: str, name: str, params: dict):
     from . import functional
 
     namespace = {"F": functional}
-    exec(compile(src.format(**params), f"<hf_gemact.fused {name} {params}>", "exec"), namespace)
-    return torch.compile(namespace[name], dynamic=True, fullgraph=True)
+    # The code object is named after this file: Dynamo treats a "<string>"-like file as one to skip
+    # and wraps such a function in a shared trampoline, whose one cache (recompile limit 8) all
+    # kernels would then share (seen with torch 2.11). A real file keeps one cache per kernel.
+    code = compile(src.format(**params), __file__, "exec")
+    exec(code, namespace)
+    fn = namespace[name]
+    fn.__qualname__ = f"{name}_{abs(hash((src, tuple(params.items())))):x}"
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def _failed(key, err: Exception):

@@ -182,4 +182,4 @@ def test_whole_model_compiles_fullgraph_through_the_activation():
     loss.backward()
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
     for p, ge in zip(model.parameters(), grads_eager):
-        torch.testing.assert_close(p.grad, ge, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p.grad, ge, rtol=1e-3, atol=5e-5)  # fp32 reductions reorder
