@@ -21,6 +21,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def activation_curves(name: str, x: torch.Tensor) -> tuple:
     """(f(x), f'(x)) of a registry or built-in activation; VeLU's per-position scale is taken with
     each x alone in its row (mean(x^2) = x^2), i.e. the curve a scalar input sees."""
@@ -51,12 +60,7 @@ def plot_activations(names=DEFAULT_CURVES, out: str | Path = "docs/activations.p
         ax.set_xlabel("x")
     ax_f.set_ylim(lo * 0.4, hi)
     ax_d.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def read_eval_curve(run_dir: str | Path, metric: str = "loss") -> list:
@@ -95,12 +99,7 @@ def plot_runs(groups: dict, out: str | Path, metric: str = "loss", title: str | 
     ax.set_title(title or f"validation {metric} (mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _group_runs_by_activation(run_dirs) -> dict:
