@@ -201,13 +201,13 @@ def _script_path(task: str) -> Path:
 def _cmd_sweep(args) -> int:
     out = Path(args.output_dir)
     script = _script_path(args.task)
-    from .registry import is_activation_name
+    from .training.args import UsageError, check_activation
 
-    from transformers.activations import ACT2FN
-
-    bad = [a for a in args.activations if a not in ACT2FN and not is_activation_name(a)]
-    if bad:
-        raise SystemExit(f"unknown activation(s) {bad}; see `hf_gemact.grammar_help()`")
+    try:
+        for name in args.activations:
+            check_activation(name)
+    except UsageError as err:
+        raise SystemExit(f"hf-gemact sweep: {err}") from None
     launcher = [sys.executable] if args.launcher == "python" else [sys.executable, "-m", "accelerate.commands.launch"]
     runs = plan(args.activations, args.seeds, out)
     start = time.time()
