@@ -90,9 +90,13 @@ class ActivationSpec:
     def module_class(self) -> type:
         return FAMILIES[self.family].module
 
+    @property
+    def module_kwargs(self) -> dict:
+        """Every constructor argument: the family defaults, overridden by the spec's parameters."""
+        return {**FAMILIES[self.family].defaults, **self.kwargs}
+
     def build(self):
-        fam = FAMILIES[self.family]
-        return fam.module(**{**fam.defaults, **self.kwargs})
+        return self.module_class(**self.module_kwargs)
 
     @property
     def name(self) -> str:
@@ -191,7 +195,7 @@ def _install_act2fn() -> None:
             except UnknownActivationError as err:
                 builtin = ", ".join(sorted(dict.keys(self)))
                 raise UnknownActivationError(f"{err}\nBuilt into transformers: {builtin}.") from None
-            return spec.module_class, {**FAMILIES[spec.family].defaults, **spec.kwargs}
+            return spec.module_class, spec.module_kwargs
 
         def __contains__(self, key):
             return dict.__contains__(self, key) or is_activation_name(key)
