@@ -15,6 +15,8 @@ The derivative needs only the gate, so a backward saves the input alone and reco
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import fused as _fused
@@ -88,37 +90,133 @@ def gem(x: torch.Tensor, n: int = 2, eps: float = 1.0, a: float = 0.0) -> torch.
 # ----------------------------------------------------------------------------- VeLU
 
 
-def _velu_parts(x, alpha, beta1, beta2, gamma, mu, eps, dim):
-    """The pieces both passes need: gate g, per-position scale s, and k = 1/sqrt(mean(x^2)+eps)."""
-    c = (beta2 * x).clamp(-1.0, 1.0)
-    g = torch.sigmoid(alpha * (torch.atan(beta1 * x) + torch.asin(c)))
-    k = torch.rsqrt(x.square().mean(dim, keepdim=True) + eps)
-    t = torch.tanh(mu * k)
-    s = 1 + gamma * t
-    return c, g, k, t, s
+_HALF_PI = 1.5707963267948966
+_QUARTER_PI = 0.7853981633974483
+_TAN_3PI_8 = 2.414213562373095
+_TAN_PI_8 = 0.41421356237309503
 
 
-def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
-    """Returns (lam * y, mean(y), std(y)) with y = x * g * s; the stats feed the W2 auxiliary loss."""
+def _with_sign_of(magnitude, t):
+    # Not torch.copysign: Inductor's CPU code calls SLEEF for it, and a call inside a vectorised
+    # loop spills every register. The sign of zero is not kept (atan(-0.0) = +0.0 here).
+    return torch.where(t < 0, -magnitude, magnitude)
+
+
+def atan_approx(t: torch.Tensor) -> torch.Tensor:
+    """atan in float32 to within 2 ulp, from one division and a degree-9 odd polynomial.
+
+    The argument is reduced to |r| <= tan(pi/8) (Cephes' atanf: r = -1/|t| above tan(3pi/8),
+    (|t|-1)/(|t|+1) in between), with the three branches written as one quotient so a vectorised
+    kernel pays for a single division. Limits are exact (+-pi/2 at +-inf), NaN stays NaN. The fused CPU kernels use it; SLEEF's atan costs about twice as much there.
+    """
+    a = t.abs()
+    big = a > _TAN_3PI_8
+    mid = a > _TAN_PI_8
+    num = torch.where(big, -1.0, torch.where(mid, a - 1.0, a))
+    den = torch.where(big, a, torch.where(mid, a + 1.0, 1.0))
+    r = num / den
+    z = r * r
+    p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * r + r
+    offset = torch.where(big, _HALF_PI, torch.where(mid, _QUARTER_PI, 0.0))
+    return _with_sign_of(offset + p, t)
+
+
+def asin_approx(c: torch.Tensor) -> torch.Tensor:
+    """asin on [-1, 1] in float32 to within 3 ulp: Cephes' asinf (one square root, no division).
+
+    Above |c| = 1/2 it uses asin(c) = pi/2 - 2 asin(sqrt((1 - |c|) / 2)), so the polynomial only
+    ever sees |r| <= 1/2. Exact at 0 and +-1; NaN stays NaN.
+    """
+    a = c.abs()
+    high = a > 0.5
+    z = torch.where(high, 0.5 * (1.0 - a), a * a)
+    r = torch.where(high, z.sqrt(), a)
+    p = ((((4.2163199048e-2 * z + 2.4181311049e-2) * z + 4.5470025998e-2) * z + 7.4953002686e-2) * z
+         + 1.6666752422e-1) * z * r + r
+    return _with_sign_of(torch.where(high, _HALF_PI - 2.0 * p, p), c)
+
+
+# Largest |v| for which sigmoid_small's degree-7 Taylor series of e^-v is float32-exact (the
+# truncation term 0.35^8 / 8! is 6e-9); the gate's argument is bounded by |alpha| * pi.
+_SMALL_SIGMOID_RANGE = 0.35
+
+
+def sigmoid_small(v: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + e^-v) for |v| <= 0.35, with e^-v as a polynomial: no range reduction, no library call.
+
+    In a vectorised CPU kernel a call to SLEEF's exp forces every live register to be spilled,
+    which costs more than the exp itself; eight FMAs do not.
+    """
+    w = -v
+    e = 1 + w * (1 + w * (1 / 2 + w * (1 / 6 + w * (1 / 24 + w * (1 / 120 + w * (1 / 720 + w * (1 / 5040)))))))
+    return 1.0 / (1.0 + e)
+
+
+def velu_gate(x, alpha, beta1, beta2, approx=False):
+    """sigmoid(alpha (atan(beta1 x) + asin(clamp(beta2 x, -1, 1)))); `approx` uses the polynomials."""
+    atan, asin, sigmoid = torch.atan, torch.asin, torch.sigmoid
+    if approx:
+        atan, asin = atan_approx, asin_approx
+        if abs(alpha) * math.pi <= _SMALL_SIGMOID_RANGE:  # |atan| < pi/2 and |asin| <= pi/2
+            sigmoid = sigmoid_small
+    return sigmoid(alpha * (atan(beta1 * x) + asin((beta2 * x).clamp(-1.0, 1.0))))
+
+
+def velu_inv_rms(x, eps, dim):
+    """k = 1 / sqrt(mean(x^2) + eps) along `dim` (kept), the statistic the adaptive scale reads."""
+    return torch.rsqrt(x.square().mean(dim, keepdim=True) + eps)
+
+
+def _row_sum(t, dim):
+    # Row sums, then their sum: the structure that lets Inductor fold a global reduction into the
+    # per-row loop that already runs, instead of a separate pass over the whole tensor.
+    return t.sum(dim).sum()
+
+
+def _mean_std(y, dim):
+    """Mean and (biased) standard deviation of all of y, without E[y^2] - mean^2 cancellation.
+
+    Each row (along `dim`) is centred on its own mean while it is still in cache, and the rows are
+    combined exactly (Chan et al.): M2 = sum(M2_row) + n * sum((mean_row - mean)^2).
+    """
+    n = y.shape[dim]
+    row_mean = y.mean(dim, keepdim=True)
+    row_m2 = (y - row_mean).square().sum(dim, keepdim=True)
+    mean = row_mean.mean()
+    m2 = row_m2.sum() + n * (row_mean - mean).square().sum()
+    return mean, (m2 / y.numel()).sqrt()
+
+
+def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, approx=False, save_gate=False):
+    """(lam * y, mean(y), std(y)) with y = x * g * s; the stats feed the W2 auxiliary loss.
+
+    With save_gate, also returns the gate g (in x's dtype) and k, which let `velu_backward` skip
+    recomputing the transcendental part: the compiled CPU path uses this (compute-bound there).
+    """
     xf = _upcast(x)
-    _, g, _, _, s = _velu_parts(xf, alpha, beta1, beta2, gamma, mu, eps, dim)
-    y = xf * g * s
-    mean = y.mean()
-    std = (y - mean).square().mean().sqrt()
-    return (lam.to(y.dtype) * y).to(x.dtype), mean, std
+    g = velu_gate(xf, alpha, beta1, beta2, approx)
+    k = velu_inv_rms(xf, eps, dim)
+    y = xf * g * (1 + gamma * torch.tanh(mu * k))
+    mean, std = _mean_std(y, dim)
+    out = (lam.to(y.dtype) * y).to(x.dtype)
+    return (out, mean, std, g.to(x.dtype), k) if save_gate else (out, mean, std)
 
 
-def velu_backward(x, lam, grad_out, grad_mean, grad_std, alpha, beta1, beta2, gamma, mu, eps, dim):
-    """Closed-form gradients of velu_forward w.r.t. x and lam.
+def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, alpha, beta1, beta2, gamma, mu, eps, dim,
+                  g=None, k=None, approx=False):
+    """Closed-form gradients of velu_forward w.r.t. x and lam, given its saved mean and std.
 
+    g and k (from velu_forward's save_gate) are recomputed when not given.
     asin'(c) = 1/sqrt(1 - c^2) is infinite at |beta2 x| = 1; it is taken as 0 outside the open
     interval (where the clamp is flat) and bounded inside it, so gradients stay finite.
     The scale's row term is written with z = k x (|z| <= sqrt(D)) so huge inputs give 0, not inf*0.
     """
     xf = _upcast(x)
-    c, g, k, t, s = _velu_parts(xf, alpha, beta1, beta2, gamma, mu, eps, dim)
-    h = xf * g
-    y = h * s
+    g = velu_gate(xf, alpha, beta1, beta2, approx) if g is None else _upcast(g)
+    k = velu_inv_rms(xf, eps, dim) if k is None else k
+    t = torch.tanh(mu * k)
+    s = 1 + gamma * t
+    y = xf * g * s
     lam_f = lam.to(y.dtype)
 
     # Gradient reaching y: from the output (times lam) and from the two statistics.
@@ -127,14 +225,12 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, alpha, beta1, beta2, ga
     if grad_mean is not None:
         grad_y = grad_y + grad_mean / m
     if grad_std is not None:
-        mean = y.mean()
-        std = (y - mean).square().mean().sqrt()
         safe_std = torch.where(std > 0, std, torch.ones_like(std))
         grad_y = grad_y + torch.where(std > 0, grad_std / (m * safe_std), torch.zeros_like(std)) * (y - mean)
 
+    c = (beta2 * xf).clamp(-1.0, 1.0)
     floor = torch.finfo(xf.dtype).eps
-    inside = c.abs() < 1
-    dasin = torch.where(inside, beta2 * torch.rsqrt((1 - c.square()).clamp_min(floor)), torch.zeros_like(c))
+    dasin = torch.where(c.abs() < 1, beta2 * torch.rsqrt((1 - c.square()).clamp_min(floor)), torch.zeros_like(c))
     dgate = g * (1 - g) * alpha * (beta1 / (1 + (beta1 * xf).square()) + dasin)
     dh = g + xf * dgate
 
@@ -146,24 +242,29 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, alpha, beta1, beta2, ga
 
     grad_lam = None
     if lam.requires_grad:
-        grad_lam = (grad_out.to(y.dtype) * y).sum().to(lam.dtype).reshape(lam.shape)
+        grad_lam = _row_sum(grad_out.to(y.dtype) * y, dim).to(lam.dtype).reshape(lam.shape)
     return grad_x.to(x.dtype), grad_lam
 
 
 class _VeLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
-        ctx.save_for_backward(x, lam)
         ctx.params = (alpha, beta1, beta2, gamma, mu, eps, dim)
-        res = _fused.velu_forward(x, lam, *ctx.params)
-        out, mean, std = velu_forward(x, lam, *ctx.params) if res is None else res
+        res = _fused.velu_forward(x, lam, *ctx.params, need_grad=any(ctx.needs_input_grad[:2]))
+        if res is None:
+            (out, mean, std), g, k = velu_forward(x, lam, *ctx.params), None, None
+        else:
+            out, mean, std, g, k = res
+        ctx.save_for_backward(x, lam, mean, std, g, k)
         return out, mean, std
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_std):
-        x, lam = ctx.saved_tensors
-        res = _fused.velu_backward(x, lam, grad_out, grad_mean, grad_std, *ctx.params)
-        grad_x, grad_lam = velu_backward(x, lam, grad_out, grad_mean, grad_std, *ctx.params) if res is None else res
+        x, lam, mean, std, g, k = ctx.saved_tensors
+        res = _fused.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, *ctx.params)
+        if res is None:
+            res = velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, *ctx.params)
+        grad_x, grad_lam = res
         return grad_x, grad_lam, None, None, None, None, None, None, None
 
 
