@@ -162,9 +162,10 @@ def velu_gate(x, alpha, beta1, beta2, approx=False):
     return sigmoid(alpha * (atan(beta1 * x) + asin((beta2 * x).clamp(-1.0, 1.0))))
 
 
-def velu_inv_rms(x, eps, dim):
-    """k = 1 / sqrt(mean(x^2) + eps) along `dim` (kept), the statistic the adaptive scale reads."""
-    return torch.rsqrt(x.square().mean(dim, keepdim=True) + eps)
+def velu_row_scale(x, mu, eps, dim):
+    """Per row (along `dim`, kept): k = 1 / sqrt(mean(x^2) + eps) and t = tanh(mu k); s = 1 + gamma t."""
+    k = torch.rsqrt(_upcast(x).square().mean(dim, keepdim=True) + eps)
+    return k, torch.tanh(mu * k)
 
 
 def _row_sum(t, dim):
@@ -187,34 +188,39 @@ def _mean_std(y, dim):
     return mean, (m2 / y.numel()).sqrt()
 
 
-def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, approx=False, save_gate=False):
+def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, approx=False, save_gate=False, row_scale=None):
     """(lam * y, mean(y), std(y)) with y = x * g * s; the stats feed the W2 auxiliary loss.
 
-    With save_gate, also returns the gate g (in x's dtype) and k, which let `velu_backward` skip
-    recomputing the transcendental part: the compiled CPU path uses this (compute-bound there).
+    `row_scale` is velu_row_scale(x, mu, eps, dim), computed here when not given. With save_gate,
+    also returns the gate g (in x's dtype), which lets `velu_backward` skip the transcendental
+    part. `approx` selects the polynomial atan/asin/sigmoid of the compiled CPU kernels.
     """
     xf = _upcast(x)
+    k, t = velu_row_scale(xf, mu, eps, dim) if row_scale is None else row_scale
+    s = 1 + gamma * t
     g = velu_gate(xf, alpha, beta1, beta2, approx)
-    k = velu_inv_rms(xf, eps, dim)
-    y = xf * g * (1 + gamma * torch.tanh(mu * k))
+    if approx:
+        # Adding 0 * s (s is finite; a NaN row stays NaN) ties g to its row: Inductor then computes
+        # g inside the one per-row loop over x, instead of in a separate pass over memory.
+        g = g + 0.0 * s
+    y = xf * g * s
     mean, std = _mean_std(y, dim)
     out = (lam.to(y.dtype) * y).to(x.dtype)
-    return (out, mean, std, g.to(x.dtype), k) if save_gate else (out, mean, std)
+    return (out, mean, std, g.to(x.dtype)) if save_gate else (out, mean, std)
 
 
 def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, alpha, beta1, beta2, gamma, mu, eps, dim,
-                  g=None, k=None, approx=False):
+                  g=None, row_scale=None, approx=False):
     """Closed-form gradients of velu_forward w.r.t. x and lam, given its saved mean and std.
 
-    g and k (from velu_forward's save_gate) are recomputed when not given.
+    g (from velu_forward's save_gate) and row_scale are recomputed when not given.
     asin'(c) = 1/sqrt(1 - c^2) is infinite at |beta2 x| = 1; it is taken as 0 outside the open
     interval (where the clamp is flat) and bounded inside it, so gradients stay finite.
     The scale's row term is written with z = k x (|z| <= sqrt(D)) so huge inputs give 0, not inf*0.
     """
     xf = _upcast(x)
     g = velu_gate(xf, alpha, beta1, beta2, approx) if g is None else _upcast(g)
-    k = velu_inv_rms(xf, eps, dim) if k is None else k
-    t = torch.tanh(mu * k)
+    k, t = velu_row_scale(xf, mu, eps, dim) if row_scale is None else row_scale
     s = 1 + gamma * t
     y = xf * g * s
     lam_f = lam.to(y.dtype)
@@ -251,17 +257,15 @@ class _VeLUFunction(torch.autograd.Function):
     def forward(ctx, x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
         ctx.params = (alpha, beta1, beta2, gamma, mu, eps, dim)
         res = _fused.velu_forward(x, lam, *ctx.params, need_grad=any(ctx.needs_input_grad[:2]))
-        if res is None:
-            (out, mean, std), g, k = velu_forward(x, lam, *ctx.params), None, None
-        else:
-            out, mean, std, g, k = res
-        ctx.save_for_backward(x, lam, mean, std, g, k)
+        out, mean, std, g, k, t = (*velu_forward(x, lam, *ctx.params), None, None, None) if res is None else res
+        ctx.save_for_backward(x, lam, mean, std, g, k, t)
         return out, mean, std
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_std):
-        x, lam, mean, std, g, k = ctx.saved_tensors
-        res = _fused.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, *ctx.params)
+        x, lam, mean, std, g, k, t = ctx.saved_tensors
+        row_scale = None if k is None else (k, t)
+        res = _fused.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale, *ctx.params)
         if res is None:
             res = velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, *ctx.params)
         grad_x, grad_lam = res

@@ -125,16 +125,20 @@ _GEM_BWD_SRC = """
 def gem_bwd_kernel(x, grad_out):
     return (grad_out * F.gem_derivative(x, {n!r}, {eps!r}, {a!r})).to(x.dtype)
 """
+_VELU_SCALE_SRC = """
+def velu_scale_kernel(x):
+    return F.velu_row_scale(x, {mu!r}, {eps!r}, {dim!r})
+"""
 _VELU_FWD_SRC = """
-def velu_fwd_kernel(x, lam):
+def velu_fwd_kernel(x, lam, k, t):
     return F.velu_forward(x, lam, {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r},
-                          approx={approx!r}, save_gate={save_gate!r})
+                          approx={approx!r}, save_gate={save_gate!r}, row_scale=None if k is None else (k, t))
 """
 _VELU_BWD_SRC = """
-def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k):
+def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, t):
     return F.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std,
                            {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r},
-                           g=g, k=k, approx={approx!r})
+                           g=g, row_scale=None if k is None else (k, t), approx={approx!r})
 """
 
 
@@ -231,36 +235,54 @@ def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a:
 
 
 def _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim, device_type):
-    # On CPU the gate's atan/asin dominate (compute-bound): use the polynomial versions, and save the
-    # gate for backward instead of evaluating it twice more. On CUDA the kernels are memory-bound:
-    # exact libdevice functions, and recomputing costs less than reading a saved gate.
+    # On CPU the gate's atan/asin/sigmoid dominate (compute-bound): use the polynomial versions,
+    # save the gate for backward instead of evaluating it twice more, and compute the per-row scale
+    # in a kernel of its own, so that the main kernel is one loop per row (Inductor will not inline
+    # a reused tanh into it). On CUDA the kernels are memory-bound: exact libdevice functions, one
+    # kernel, and recomputing the gate costs less than reading a saved one.
     cpu = device_type == "cpu"
     return {"alpha": alpha, "beta1": beta1, "beta2": beta2, "gamma": gamma, "mu": mu, "eps": eps, "dim": dim,
             "approx": cpu, "save_gate": cpu}
 
 
-def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=True):
-    """Fused (lam * y, mean(y), std(y), g or None, k or None), or None where the fast path does not apply.
+def _velu_row_scale(x, mu, eps, dim):
+    key = ("velu_scale", (mu, eps, dim), x.dtype, x.device.type)
+    return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": dim}, x)
 
-    g and k are returned (for backward) on CPU when a gradient is needed.
+
+def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=True):
+    """Fused (lam * y, mean(y), std(y), g, k, t), or None where the fast path does not apply.
+
+    g (the gate) and k, t (velu_row_scale) are for backward; they are None on CUDA, and g is None
+    where no gradient is needed.
     """
     if not _usable(x) or type(lam) not in _PLAIN or lam.device != x.device:
         return None
     params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim, x.device.type)
-    params["save_gate"] = params["save_gate"] and need_grad
+    k = t = None
+    if params["approx"]:
+        row_scale = _velu_row_scale(x, mu, eps, dim)
+        if row_scale is None:
+            return None
+        k, t = row_scale
     key = ("velu_fwd", tuple(params.values()), x.dtype, x.device.type, lam.dtype)
-    res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, x, lam)
-    if res is None or params["save_gate"]:
-        return res
-    return (*res, None, None)
+    res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, x, lam, k, t)
+    if res is None:
+        return None
+    out, mean, std, *gate = res
+    # The CPU kernel returns g even where no gradient will need it: Inductor schedules the kernel
+    # without g as an output worse (it evaluates the gate twice), so it is cheaper to drop it here.
+    return out, mean, std, gate[0] if gate and need_grad else None, k, t
 
 
-def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, alpha, beta1, beta2, gamma, mu, eps, dim):
+def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale, alpha, beta1, beta2, gamma, mu,
+                  eps, dim):
     """Fused (grad_x, grad_lam), or None (eager) where the fast path does not apply."""
     if torch.is_grad_enabled() or not _usable(x) or type(lam) not in _PLAIN:
         return None
-    for t in (grad_out, grad_mean, grad_std, mean, std, g, k):
-        if t is not None and (type(t) not in _PLAIN or t.device != x.device):
+    k, t = (None, None) if row_scale is None else row_scale
+    for tensor in (grad_out, grad_mean, grad_std, mean, std, g, k, t):
+        if tensor is not None and (type(tensor) not in _PLAIN or tensor.device != x.device):
             return None
     if grad_out is None or grad_out.shape != x.shape:
         return None
@@ -269,4 +291,5 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, alpha,
     variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, lam.requires_grad,
                grad_out.dtype, lam.dtype)
     key = ("velu_bwd", tuple(params.values()), x.dtype, x.device.type, variant)
-    return _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, x, lam, grad_out, grad_mean, grad_std, mean, std, g, k)
+    return _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, x, lam, grad_out, grad_mean, grad_std, mean, std,
+                 g, k, t)
