@@ -6,7 +6,8 @@
 
 Every activation is taken the way users get it: `transformers.activations.ACT2FN[name]`, eager
 mode, default settings (so the hf_gemact names go through the compiled fast path when it is
-available). Rows marked "(eager)" are the same activation with `hf_gemact.set_fast_path(False)`.
+available). Rows marked "(eager)" are the same activation with `hf_gemact.set_fast_path(False)`
+(forward and backward).
 
 Timing: all variants of one (size, dtype) are measured interleaved, round after round, and each
 ratio is the median over rounds of (variant / F.gelu) measured in the same round, so a noisy,
@@ -22,6 +23,7 @@ empty cache). On CUDA, "GB/s" counts the minimal traffic (forward: read x, write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -55,11 +57,17 @@ class Variant:
         self.module = make()
 
     def __call__(self, x):
+        return self.module(x)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The fast path as this variant has it, for forward and backward alike."""
         if self.fast:
-            return self.module(x)
+            yield
+            return
         fused.set_fast_path(False)
         try:
-            return self.module(x)
+            yield
         finally:
             fused.set_fast_path(True)
 
@@ -140,19 +148,21 @@ def bench_activations(device, sizes, dtypes, quick, rounds):
             compile_s = {}
             for v in vs:  # warm up (this compiles), recording each variant's first-call time
                 before = dict(fused.compile_times())
-                with torch.no_grad():
-                    v(x)
-                v(xg).backward(g)
+                with v.active():
+                    with torch.no_grad():
+                        v(x)
+                    v(xg).backward(g)
                 xg.grad = None
                 after = fused.compile_times()
                 compile_s[v.label] = sum(t for k, t in after.items() if k not in before)
 
             def fwd(v):
-                with torch.no_grad():
+                with v.active(), torch.no_grad():
                     v(x)
 
             def fwdbwd(v):
-                v(xg).backward(g)
+                with v.active():
+                    v(xg).backward(g)
                 xg.grad = None
 
             for mode, body in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
@@ -169,7 +179,8 @@ def bench_activations(device, sizes, dtypes, quick, rounds):
                     r_relu = statistics.median(a / b for a, b in zip(t, times["relu"]))
                     row = dict(act=v.label, numel=numel, dtype=str(dtype).replace("torch.", ""), mode=mode,
                                vs_gelu=r_gelu, vs_relu=r_relu, compile_s=compile_s[v.label])
-                    row["saved"] = saved_bytes(v, xg) / (x.numel() * x.element_size())
+                    with v.active():
+                        row["saved"] = saved_bytes(v, xg) / (x.numel() * x.element_size())
                     if device.type == "cuda":
                         traffic = (2 if mode == "fwd" else 5) * x.numel() * x.element_size()
                         row["gbps"] = traffic / statistics.median(t) / 1e9

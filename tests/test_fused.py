@@ -81,10 +81,18 @@ def test_gem_fast_path_matches_eager_with_the_same_nan_inf_rules(n, eps, a, dtyp
     assert (neg_inf == (float("-inf") if a else 0.0)).all()
 
 
+VELU_FAST_CASES = [  # (params, dtype, shape): defaults in both dtypes, the repo figure's gate, NCHW
+    (dict(), torch.float32, (8, N // 8)),
+    (dict(), torch.bfloat16, (8, N // 8)),
+    (dict(alpha=2.0, beta1=1.0, beta2=0.7), torch.float32, (8, N // 8)),  # outside sigmoid_small's range
+    (dict(alpha=1.0, beta1=0.5, beta2=0.3, gamma=0.5, mu=2.0, eps=1e-3, dim=1), torch.float32, (4, 8, 16, 16)),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_velu_fast_path_matches_eager(dtype, device):
-    x = _input(dtype, device, special=False)
+@pytest.mark.parametrize("params,dtype,shape", VELU_FAST_CASES)
+def test_velu_fast_path_matches_eager(params, dtype, shape, device):
+    x = _input(dtype, device, special=False).reshape(shape)
     lam = torch.tensor(1.3, device=device, requires_grad=True)
     g = torch.randn(x.shape, device=device).to(dtype)
 
@@ -92,7 +100,7 @@ def test_velu_fast_path_matches_eager(dtype, device):
         fused.set_fast_path(fast)
         try:
             xr, lr = x.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
-            out, mean, std = F.velu(xr, lr, return_stats=True)
+            out, mean, std = F.velu(xr, lr, **params, return_stats=True)
             ((out.float() * g.float()).sum() + 0.3 * mean + 0.7 * std).backward()
             return out.detach(), mean.detach(), std.detach(), xr.grad, lr.grad
         finally:
@@ -103,6 +111,68 @@ def test_velu_fast_path_matches_eager(dtype, device):
     tol = TOL[dtype]
     for a, b in zip(fast, eager):
         torch.testing.assert_close(a, b, rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-4))
+
+
+def test_velu_cuda_kernel_policy_matches_eager_when_run_on_cpu(monkeypatch):
+    # The CUDA policy (exact math, one kernel, gate recomputed in backward) is code CI cannot reach
+    # on a GPU; run the very same kernels through Inductor's CPU backend instead.
+    cpu_params = fused._velu_params
+    monkeypatch.setattr(fused, "_velu_params", lambda *a: {**cpu_params(*a), "approx": False, "save_gate": False})
+    x = _input(torch.float32, "cpu", special=False)
+    g = torch.randn(x.shape)
+
+    def run(fast):
+        fused.set_fast_path(fast)
+        try:
+            xr = x.detach().clone().requires_grad_()
+            lam = torch.tensor(0.9, requires_grad=True)
+            out, mean, std = F.velu(xr, lam, return_stats=True)
+            ((out * g).sum() + 0.3 * mean + 0.7 * std).backward()
+            return out.detach(), mean.detach(), std.detach(), xr.grad, lam.grad
+        finally:
+            fused.set_fast_path(True)
+
+    fast, eager = run(True), run(False)
+    assert any(k.startswith("velu_fwd") and "False, False)" in k for k in fused.compile_times())
+    for a, b in zip(fast, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_velu_fast_path_on_cpu_saves_the_input_and_the_gate():
+    x = torch.randn(16, 1024, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = hf_gemact.VeLU()(x)
+    assert any(k.startswith("velu_fwd") and ",cpu," in k for k in fused.compile_times())
+    big = sorted(n for n in saved if n > 16)
+    assert big == [x.numel(), x.numel()]  # x and g; the rest is per-row (k, t) and scalars
+    out.sum().backward()
+    with torch.no_grad():
+        assert fused.velu_forward(x, torch.ones(()), 0.1, 0.1, 0.1, 0.1, 0.9, 1e-6, -1, need_grad=False)[3] is None
+
+
+def test_polynomial_atan_asin_sigmoid_match_float64_to_float32_precision():
+    t = torch.cat([torch.linspace(-1e4, 1e4, 200_001), torch.randn(100_000) * 3, torch.logspace(-30, 30, 601)])
+    c = torch.cat([torch.linspace(-1, 1, 200_001), torch.tensor([0.5, -0.5, 0.4999999, 0.5000001])])
+    v = torch.linspace(-0.35, 0.35, 100_001)
+    for fn, ref, arg, bound in [(F.atan_approx, torch.atan, t, 2.5e-7), (F.asin_approx, torch.asin, c, 4e-7),
+                                (F.sigmoid_small, torch.sigmoid, v, 2.5e-7)]:
+        exact = ref(arg.double())
+        rel = ((fn(arg).double() - exact).abs() / exact.abs().clamp_min(1e-300))[exact != 0]
+        assert rel.max().item() < bound, fn.__name__
+    limits = torch.tensor([float("inf"), -float("inf"), 0.0, float("nan")])
+    torch.testing.assert_close(F.atan_approx(limits), torch.atan(limits), rtol=0, atol=1.2e-7, equal_nan=True)
+    edges = torch.tensor([1.0, -1.0, 0.0, float("nan")])
+    torch.testing.assert_close(F.asin_approx(edges), torch.asin(edges), rtol=0, atol=1.2e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("alpha,beta1,beta2", [(0.1, 0.1, 0.1), (2.0, 1.0, 0.7), (-0.05, 3.0, 0.01)])
+def test_polynomial_gate_matches_the_exact_gate(alpha, beta1, beta2):
+    x = torch.cat([torch.randn(100_000) * 5, torch.linspace(-50, 50, 10_001), torch.tensor([float("inf"), -float("inf")])])
+    exact = F.velu_gate(x.double(), alpha, beta1, beta2)
+    rel = lambda g: ((g.double() - exact).abs() / exact).max().item()  # noqa: E731
+    # alpha amplifies any float32 rounding of the sigmoid's argument: compare with torch's float32 math
+    assert rel(F.velu_gate(x, alpha, beta1, beta2, approx=True)) <= 1.5 * rel(F.velu_gate(x, alpha, beta1, beta2)) + 1e-7
 
 
 def test_switch_off_by_api_uses_eager_and_compiles_nothing():
