@@ -5,6 +5,13 @@ Triton on CUDA) reads x once and writes y once; the backward reads x and grad_ou
 grad_x once, recomputing the gate instead of saving anything but x. Eager PyTorch instead runs
 about ten separate kernels, each a full pass over memory.
 
+VeLU is compute-bound on CPU (atan, asin, sigmoid per element), so its CPU kernels trace the same
+formulas with `approx=True`: polynomial atan/asin and, for |alpha| <= 0.11, sigmoid, all inline
+(SLEEF calls inside a vectorised loop cost more in register spills than in arithmetic); the gate
+is saved for backward (x and g: two input-sized tensors, instead of evaluating the gate twice
+more); and the per-row scale has a kernel of its own so the main kernel is one loop per row.
+On CUDA VeLU keeps the exact functions and recomputes the gate (memory-bound there).
+
 How it is wired: `functional._GEMFunction` / `_VeLUFunction` ask this module first
 (`gem_forward`, `gem_backward`, `velu_forward`, `velu_backward` here); each returns None when the
 fast path does not apply, and the caller then runs its eager closed form. The compiled kernels
