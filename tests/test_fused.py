@@ -113,6 +113,30 @@ def test_velu_fast_path_matches_eager(params, dtype, shape, device):
         torch.testing.assert_close(a, b, rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-4))
 
 
+def test_velu_fast_path_keeps_the_eager_nan_inf_rules():
+    torch.manual_seed(0)
+    x = torch.randn(16, 1024) * 2
+    x[3, 5], x[7, 9], x[9, 1] = float("nan"), float("inf"), float("-inf")
+    x[11] = 0.0  # an all-zero row: k = 1/sqrt(eps)
+    x[13] *= 1e20
+
+    def run(fast):
+        fused.set_fast_path(fast)
+        try:
+            xr = x.clone().requires_grad_()
+            out, mean, std = F.velu(xr, return_stats=True)
+            out.backward(torch.ones_like(out))
+            return out.detach(), xr.grad
+        finally:
+            fused.set_fast_path(True)
+
+    (out_f, grad_f), (out_e, grad_e) = run(True), run(False)
+    for fast, eager in ((out_f, out_e), (grad_f, grad_e)):
+        assert torch.equal(torch.isnan(fast), torch.isnan(eager)) and torch.equal(torch.isinf(fast), torch.isinf(eager))
+        torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert torch.isfinite(out_f[11]).all() and (grad_f[11] != 0).all()
+
+
 def test_velu_cuda_kernel_policy_matches_eager_when_run_on_cpu(monkeypatch):
     # The CUDA policy (exact math, one kernel, gate recomputed in backward) is code CI cannot reach
     # on a GPU; run the very same kernels through Inductor's CPU backend instead.
