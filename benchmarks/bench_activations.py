@@ -227,13 +227,13 @@ def gpt2_step_ratios(device, quick, rounds):
     return ratios, first, statistics.median(times["gelu"])
 
 
-def cold_compile_seconds(device) -> float:
-    """First-call time of gem_n2 forward+backward (fp32) in a fresh process with an empty Inductor cache."""
+def cold_compile_seconds(device, act: str) -> float:
+    """First-call time of `act`'s forward+backward (fp32) in a fresh process with an empty Inductor cache."""
     code = (
         "import time, torch, hf_gemact\n"
         "from transformers.activations import ACT2FN\n"
-        f"x = torch.randn(1 << 16, device='{device}', requires_grad=True)\n"
-        "t0 = time.perf_counter(); ACT2FN['gem_n2'](x).sum().backward()\n"
+        f"x = torch.randn(64, 1024, device='{device}', requires_grad=True)\n"
+        f"t0 = time.perf_counter(); ACT2FN['{act}'](x).sum().backward()\n"
         f"{'torch.cuda.synchronize()' if device.type == 'cuda' else ''}\n"
         "print(time.perf_counter() - t0)\n"
     )
@@ -301,8 +301,9 @@ def main(argv=None):
     print(f"\nfast-path kernels compiled in this run: {len(fused.compile_times())}, "
           f"total first-call time {total_compile:.1f} s, slowest {max(fused.compile_times().values(), default=0):.1f} s")
     if args.cold_compile:
-        print(f"cold compile (fresh process, empty Inductor cache), gem_n2 fwd+bwd fp32: "
-              f"{cold_compile_seconds(device):.1f} s")
+        for act in ("gem_n2", "velu"):
+            print(f"cold compile (fresh process, empty Inductor cache), {act} fwd+bwd fp32: "
+                  f"{cold_compile_seconds(device, act):.1f} s")
 
 
 if __name__ == "__main__":
