@@ -222,7 +222,7 @@ def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
     key = ("gem_fwd", (n, eps, a), x.dtype, x.device.type)
     y = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
-    return None if y is None else y.view(x.shape)
+    return None if y is None else y.view_as(x)
 
 
 def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a: float):
@@ -235,7 +235,7 @@ def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a:
     flat_g = grad_out.reshape(-1) if grad_out.is_contiguous() else grad_out.contiguous().view(-1)
     key = ("gem_bwd", (n, eps, a), x.dtype, x.device.type, grad_out.dtype)
     gx = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
-    return None if gx is None else gx.view(x.shape)
+    return None if gx is None else gx.view_as(x)
 
 
 # ----------------------------------------------------------------------------- VeLU
