@@ -107,7 +107,8 @@ def atan_approx(t: torch.Tensor) -> torch.Tensor:
 
     The argument is reduced to |r| <= tan(pi/8) (Cephes' atanf: r = -1/|t| above tan(3pi/8),
     (|t|-1)/(|t|+1) in between), with the three branches written as one quotient so a vectorised
-    kernel pays for a single division. Limits are exact (+-pi/2 at +-inf), NaN stays NaN. The fused CPU kernels use it; SLEEF's atan costs about twice as much there.
+    kernel pays for a single division. Limits are exact (+-pi/2 at +-inf), NaN stays NaN. The
+    fused CPU kernels use it; SLEEF's atan costs about twice as much there.
     """
     a = t.abs()
     big = a > _TAN_3PI_8
@@ -196,7 +197,7 @@ def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, approx=False,
     part. `approx` selects the polynomial atan/asin/sigmoid of the compiled CPU kernels.
     """
     xf = _upcast(x)
-    k, t = velu_row_scale(xf, mu, eps, dim) if row_scale is None else row_scale
+    _, t = velu_row_scale(xf, mu, eps, dim) if row_scale is None else row_scale
     s = 1 + gamma * t
     g = velu_gate(xf, alpha, beta1, beta2, approx)
     if approx:

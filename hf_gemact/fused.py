@@ -152,6 +152,8 @@ def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, t):
 def _compile_options(device_type: str) -> dict:
     # Let the C++ compiler contract a*b+c into FMAs: about 15 % off the VeLU gate on CPU, and it only
     # ever rounds less. The option's name and type vary across torch versions, so only set it if known.
+    import torch._inductor.config
+
     cpp = getattr(torch._inductor.config, "cpp", None)
     flag = getattr(cpp, "enable_floating_point_contract_flag", None)
     if device_type != "cpu" or flag is None:
@@ -160,8 +162,6 @@ def _compile_options(device_type: str) -> dict:
 
 
 def _make_kernel(src: str, name: str, params: dict, device_type: str):
-    import torch._inductor.config  # noqa: F401 (for _compile_options)
-
     from . import functional
 
     namespace = {"F": functional}
@@ -294,7 +294,6 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale
     if grad_out is None or grad_out.shape != x.shape:
         return None
     params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim, x.device.type)
-    del params["save_gate"]
     variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, lam.requires_grad,
                grad_out.dtype, lam.dtype)
     key = ("velu_bwd", tuple(params.values()), x.dtype, x.device.type, variant)
