@@ -81,6 +81,18 @@ def test_gem_fast_path_matches_eager_with_the_same_nan_inf_rules(n, eps, a, dtyp
     assert (neg_inf == (float("-inf") if a else 0.0)).all()
 
 
+def _run_velu(x, lam, g, fast, **params):
+    """Output, statistics and the gradients of x and lam (loss reaches both statistics)."""
+    fused.set_fast_path(fast)
+    try:
+        xr, lr = x.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
+        out, mean, std = F.velu(xr, lr, **params, return_stats=True)
+        ((out.float() * g.float()).sum() + 0.3 * mean + 0.7 * std).backward()
+        return out.detach(), mean.detach(), std.detach(), xr.grad, lr.grad
+    finally:
+        fused.set_fast_path(True)
+
+
 VELU_FAST_CASES = [  # (params, dtype, shape): defaults in both dtypes, the repo figure's gate, NCHW
     (dict(), torch.float32, (8, N // 8)),
     (dict(), torch.bfloat16, (8, N // 8)),
@@ -96,17 +108,7 @@ def test_velu_fast_path_matches_eager(params, dtype, shape, device):
     lam = torch.tensor(1.3, device=device, requires_grad=True)
     g = torch.randn(x.shape, device=device).to(dtype)
 
-    def run(fast):
-        fused.set_fast_path(fast)
-        try:
-            xr, lr = x.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
-            out, mean, std = F.velu(xr, lr, **params, return_stats=True)
-            ((out.float() * g.float()).sum() + 0.3 * mean + 0.7 * std).backward()
-            return out.detach(), mean.detach(), std.detach(), xr.grad, lr.grad
-        finally:
-            fused.set_fast_path(True)
-
-    fast, eager = run(True), run(False)
+    fast, eager = _run_velu(x, lam, g, True, **params), _run_velu(x, lam, g, False, **params)
     assert any(k.startswith("velu_bwd") and f",{device}," in k for k in fused.compile_times())
     tol = TOL[dtype]
     for a, b in zip(fast, eager):
@@ -145,18 +147,8 @@ def test_velu_cuda_kernel_policy_matches_eager_when_run_on_cpu(monkeypatch):
     x = _input(torch.float32, "cpu", special=False)
     g = torch.randn(x.shape)
 
-    def run(fast):
-        fused.set_fast_path(fast)
-        try:
-            xr = x.detach().clone().requires_grad_()
-            lam = torch.tensor(0.9, requires_grad=True)
-            out, mean, std = F.velu(xr, lam, return_stats=True)
-            ((out * g).sum() + 0.3 * mean + 0.7 * std).backward()
-            return out.detach(), mean.detach(), std.detach(), xr.grad, lam.grad
-        finally:
-            fused.set_fast_path(True)
-
-    fast, eager = run(True), run(False)
+    lam = torch.tensor(0.9)
+    fast, eager = _run_velu(x, lam, g, True), _run_velu(x, lam, g, False)
     assert any(k.startswith("velu_fwd") and "False, False)" in k for k in fused.compile_times())
     for a, b in zip(fast, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
