@@ -211,10 +211,11 @@ def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, approx=False,
 
 
 def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, alpha, beta1, beta2, gamma, mu, eps, dim,
-                  g=None, row_scale=None, approx=False):
+                  g=None, row_scale=None, approx=False, lam_needs_grad=None):
     """Closed-form gradients of velu_forward w.r.t. x and lam, given its saved mean and std.
 
-    g (from velu_forward's save_gate) and row_scale are recomputed when not given.
+    g (from velu_forward's save_gate) and row_scale are recomputed when not given. lam's gradient
+    is None unless lam_needs_grad (default: lam.requires_grad).
     asin'(c) = 1/sqrt(1 - c^2) is infinite at |beta2 x| = 1; it is taken as 0 outside the open
     interval (where the clamp is flat) and bounded inside it, so gradients stay finite.
     The scale's row term is written with z = k x (|z| <= sqrt(D)) so huge inputs give 0, not inf*0.
@@ -248,7 +249,7 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, alpha, beta1
     grad_x = grad_y * dh * s + ds_coeff * row * z
 
     grad_lam = None
-    if lam.requires_grad:
+    if lam.requires_grad if lam_needs_grad is None else lam_needs_grad:
         grad_lam = _row_sum(grad_out.to(y.dtype) * y, dim).to(lam.dtype).reshape(lam.shape)
     return grad_x.to(x.dtype), grad_lam
 

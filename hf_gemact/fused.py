@@ -39,6 +39,7 @@ unrolled product, not a generic pow) and each kernel keeps its own compile cache
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -103,7 +104,7 @@ def clear_cache() -> None:
 
 def _describe(key) -> str:
     kind, params, dtype, device = key[:4]
-    extra = f",{key[4]}" if len(key) > 4 else ""
+    extra = "".join(f",{part}" for part in key[4:])
     return f"{kind}{params}[{str(dtype).replace('torch.', '')},{device}{extra}]"
 
 
@@ -145,7 +146,7 @@ _VELU_BWD_SRC = """
 def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, t):
     return F.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std,
                            {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r},
-                           g=g, row_scale=None if k is None else (k, t), approx={approx!r})
+                           g=g, row_scale=None if k is None else (k, t), approx={approx!r}, lam_needs_grad={lam_needs_grad!r})
 """
 
 
@@ -161,7 +162,7 @@ def _compile_options(device_type: str) -> dict:
     return {"cpp.enable_floating_point_contract_flag": "fast" if isinstance(flag, str) else True}
 
 
-def _make_kernel(src: str, name: str, params: dict, device_type: str):
+def _make_kernel(src: str, name: str, params: dict, device_type: str, args: tuple):
     from . import functional
 
     namespace = {"F": functional}
@@ -172,7 +173,100 @@ def _make_kernel(src: str, name: str, params: dict, device_type: str):
     exec(code, namespace)
     fn = namespace[name]
     fn.__qualname__ = f"{name}_{abs(hash((src, tuple(params.items())))):x}"
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=_compile_options(device_type))
+    options = _compile_options(device_type)
+    if _standalone_compile() is not None:
+        return _GraphKernel(fn, args, options)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+
+
+def _standalone_compile():
+    import torch._inductor
+
+    return getattr(torch._inductor, "standalone_compile", None)  # torch >= 2.8
+
+
+class _NotCovered(Exception):
+    """The arguments fall outside what a compiled kernel was specialised for: run eager this once."""
+
+
+class _GraphKernel:
+    """`fn` compiled by Inductor for one argument layout, and called without Dynamo.
+
+    A torch.compile'd function evaluates Dynamo's guards and runs Dynamo's and AOTAutograd's Python
+    wrappers on every call: about 25 us on CPU, more than the kernel itself at 64K elements. Here
+    `fn` is traced once with symbolic sizes (make_fx) and handed to Inductor directly
+    (torch._inductor.standalone_compile), which leaves about 5 us per call.
+
+    Nothing checks the arguments per call, so the callers keep the promise that guards would have
+    checked: all calls under one kernel key pass contiguous tensors with the same dtypes, devices,
+    ranks and None pattern, and a tensor's dim is 1 exactly where it was 1 when traced (see
+    `_trace_examples`). Guards that Inductor itself adds (32-bit indexing on CUDA) are checked per
+    call where there are any; arguments outside them raise _NotCovered.
+    """
+
+    def __init__(self, fn, args: tuple, options: dict):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        present = [a is not None for a in args]
+        returned = {}
+
+        def traced(*tensors):
+            it = iter(tensors)
+            out = fn(*(next(it) if p else None for p in present))
+            returned["single"] = not isinstance(out, tuple)
+            outs = (out,) if returned["single"] else out
+            returned["none"] = [o is None for o in outs]
+            return tuple(o for o in outs if o is not None)
+
+        examples = _trace_examples([a for a in args if a is not None])
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
+            gm = make_fx(traced, tracing_mode="symbolic")(*examples)
+            placeholders = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
+            shape_env = placeholders[0].fake_mode.shape_env
+            self._compiled = _standalone_compile()(gm, examples, dynamic_shapes="from_graph",
+                                                   options={"config_patches": options})
+        self._present = present
+        self._single, self._none = returned["single"], returned["none"]
+        self._shape_env, self._guards = shape_env, None
+        if shape_env.guards:
+            self._guards = compile(shape_env.produce_guards_expression(placeholders), "<hf_gemact guards>", "eval")
+
+    def __call__(self, *args):
+        tensors = [a for a in args if a is not None]
+        if self._guards is not None and not self._shape_env.evaluate_guards_expression(self._guards, tensors):
+            raise _NotCovered
+        outs = iter(self._compiled(*tensors))
+        if self._single:
+            return next(outs)
+        return tuple(None if none else next(outs) for none in self._none)
+
+
+def _trace_examples(tensors: list) -> list:
+    """Stand-ins for `tensors` to trace with: the sizes of the first one's dims made >= 2 and distinct.
+
+    Symbolic tracing treats a size of 1 as the constant 1 and equal sizes as one symbol; a kernel
+    traced on the real sizes could then be wrong for the next shape (rows == width, say). The other
+    tensors are 0-d, or of the first one's rank with each dim either its size there or 1 (broadcast).
+    """
+    first = tensors[0]
+    sizes = []
+    for size in first.shape:
+        size = max(size, 2)
+        while size in sizes:
+            size += 1
+        sizes.append(size)
+    examples = []
+    for t in tensors:
+        if t.dim() == 0:
+            shape = ()
+        elif t.dim() == first.dim():
+            shape = [s if n == m else 1 for n, m, s in zip(t.shape, first.shape, sizes)]
+            if any(n != m and n != 1 for n, m in zip(t.shape, first.shape)):
+                raise ValueError(f"cannot trace a kernel for shapes {tuple(first.shape)} and {tuple(t.shape)}")
+        else:
+            raise ValueError(f"cannot trace a kernel for ranks {first.dim()} and {t.dim()}")
+        examples.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    return examples
 
 
 def _failed(key, err: Exception):
@@ -192,24 +286,31 @@ def _call(key, src, name, params, *args):
     fn = _kernels.get(key, False)
     if fn is None:
         return None
-    if fn is not False:
-        try:
-            return fn(*args)
-        except Exception as err:  # e.g. a recompile for a new layout that fails: stay eager
-            return _failed(key, err)
+    started = None
+    if fn is False:
+        started = time.perf_counter()
+        fn = _compile(key, src, name, params, args)
+        if fn is None:
+            return None
+    try:
+        out = fn(*args)
+    except _NotCovered:
+        return None
+    except Exception as err:  # compiling lazily (torch.compile) failed, or an Inductor error: stay eager
+        return _failed(key, err)
+    if started is not None:
+        _compile_times[key] = time.perf_counter() - started
+    return out
+
+
+def _compile(key, src, name, params, args):
     with _lock:
-        fn = _kernels.get(key, False)
-        if fn is False:
-            t0 = time.perf_counter()
+        if key not in _kernels:
             try:
-                fn = _make_kernel(src, name, params, key[3])
-                out = fn(*args)
+                _kernels[key] = _make_kernel(src, name, params, key[3], args)
             except Exception as err:  # no compiler, unsupported platform, Inductor bug: stay eager
                 return _failed(key, err)
-            _compile_times[key] = time.perf_counter() - t0
-            _kernels[key] = fn
-            return out
-    return None if fn is None else fn(*args)
+        return _kernels[key]
 
 
 # ----------------------------------------------------------------------------- GEM family
@@ -241,51 +342,74 @@ def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a:
 # ----------------------------------------------------------------------------- VeLU
 
 
-def _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim, device_type):
+def _velu_params(alpha, beta1, beta2, gamma, mu, eps, device_type):
     # On CPU the gate's atan/asin/sigmoid dominate (compute-bound): use the polynomial versions,
     # save the gate for backward instead of evaluating it twice more, and compute the per-row scale
     # in a kernel of its own, so that the main kernel is one loop per row (Inductor will not inline
     # a reused tanh into it). On CUDA the kernels are memory-bound: exact libdevice functions, one
     # kernel, and recomputing the gate costs less than reading a saved one.
+    # dim is 1: the kernels see x as _velu_rows lays it out.
     cpu = device_type == "cpu"
-    return {"alpha": alpha, "beta1": beta1, "beta2": beta2, "gamma": gamma, "mu": mu, "eps": eps, "dim": dim,
+    return {"alpha": alpha, "beta1": beta1, "beta2": beta2, "gamma": gamma, "mu": mu, "eps": eps, "dim": 1,
             "approx": cpu, "save_gate": cpu}
 
 
-def _velu_row_scale(x, mu, eps, dim):
-    key = ("velu_scale", (mu, eps, dim), x.dtype, x.device.type)
-    return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": dim}, x)
+def _velu_rows(x, dim):
+    """x as a contiguous (outer, D) or (outer, D, inner) view, D being `dim`; None if D < 2.
+
+    Every shape and dim then meets one of two kernels per dtype. (A row of one element would trace
+    with D as the constant 1, which the per-row tensors share: see _trace_examples.)
+    """
+    if not -x.dim() <= dim < x.dim():
+        return None  # eager raises the usual IndexError
+    dim %= x.dim()
+    d, inner = x.shape[dim], math.prod(x.shape[dim + 1:])
+    if d < 2:
+        return None
+    x = x.contiguous()
+    return x.view(-1, d) if inner == 1 else x.view(-1, d, inner)
+
+
+def _velu_row_scale(rows, mu, eps):
+    key = ("velu_scale", (mu, eps, 1), rows.dtype, rows.device.type, rows.dim())
+    return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": 1}, rows)
 
 
 def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=True):
     """Fused (lam * y, mean(y), std(y), g, k, t), or None where the fast path does not apply.
 
-    g (the gate) and k, t (velu_row_scale) are for backward; they are None on CUDA, and g is None
-    where no gradient is needed.
+    g (the gate) and k, t (velu_row_scale) are for backward, laid out as _velu_rows(x, dim); they
+    are None on CUDA, and g is None where no gradient is needed.
     """
-    if not _usable(x) or type(lam) not in _PLAIN or lam.device != x.device:
+    if not _usable(x) or type(lam) not in _PLAIN or lam.device != x.device or lam.dim() != 0:
         return None
-    params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim, x.device.type)
+    rows = _velu_rows(x, dim)
+    if rows is None:
+        return None
+    params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, x.device.type)
     k = t = None
     if params["approx"]:
-        row_scale = _velu_row_scale(x, mu, eps, dim)
+        row_scale = _velu_row_scale(rows, mu, eps)
         if row_scale is None:
             return None
         k, t = row_scale
-    key = ("velu_fwd", tuple(params.values()), x.dtype, x.device.type, lam.dtype)
-    res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, x, lam, k, t)
+    key = ("velu_fwd", tuple(params.values()), x.dtype, x.device.type, lam.dtype, rows.dim())
+    res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, rows, lam, k, t)
     if res is None:
         return None
     out, mean, std, *gate = res
     # The CPU kernel returns g even where no gradient will need it: Inductor schedules the kernel
     # without g as an output worse (it evaluates the gate twice), so it is cheaper to drop it here.
-    return out, mean, std, gate[0] if gate and need_grad else None, k, t
+    return out.view(x.shape), mean, std, gate[0] if gate and need_grad else None, k, t
 
 
 def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale, alpha, beta1, beta2, gamma, mu,
                   eps, dim):
-    """Fused (grad_x, grad_lam), or None (eager) where the fast path does not apply."""
-    if torch.is_grad_enabled() or not _usable(x) or type(lam) not in _PLAIN:
+    """Fused (grad_x, grad_lam), or None (eager) where the fast path does not apply.
+
+    g and row_scale are velu_forward's (or None, to recompute them).
+    """
+    if torch.is_grad_enabled() or not _usable(x) or type(lam) not in _PLAIN or lam.dim() != 0:
         return None
     k, t = (None, None) if row_scale is None else row_scale
     for tensor in (grad_out, grad_mean, grad_std, mean, std, g, k, t):
@@ -293,9 +417,14 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale
             return None
     if grad_out is None or grad_out.shape != x.shape:
         return None
-    params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, dim, x.device.type)
-    variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, lam.requires_grad,
-               grad_out.dtype, lam.dtype)
+    rows = _velu_rows(x, dim)
+    if rows is None or (g is not None and g.shape != rows.shape):
+        return None
+    params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, x.device.type)
+    params["lam_needs_grad"] = lam.requires_grad
+    variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, grad_out.dtype, lam.dtype,
+               rows.dim())
     key = ("velu_bwd", tuple(params.values()), x.dtype, x.device.type, variant)
-    return _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, x, lam, grad_out, grad_mean, grad_std, mean, std,
-                 g, k, t)
+    res = _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, rows, lam, _velu_rows(grad_out, dim), grad_mean,
+                grad_std, mean, std, g, k, t)
+    return None if res is None else (res[0].view(x.shape), res[1])
