@@ -115,6 +115,59 @@ def test_velu_fast_path_matches_eager(params, dtype, shape, device):
         torch.testing.assert_close(a, b, rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-4))
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a kernel falling back to eager fails the test
+@pytest.mark.parametrize("dim,shapes", [
+    # The first shape is the one traced: sizes that coincide, or are 1, must not be baked in.
+    (-1, [(1024, 1024), (8, 1024), (1, 8192), (4096, 2), (2, 3, 1024)]),
+    (1, [(1, 16, 16, 16), (4, 8, 16, 16), (2, 3, 32, 32), (4, 4, 32, 8)]),
+])
+def test_one_velu_kernel_serves_every_shape(dim, shapes):
+    # The kernels are traced once with symbolic sizes and then called without guards: every later
+    # shape, including ones whose sizes coincide or are 1, must still give the eager result.
+    params = dict(alpha=0.3, beta1=0.2, beta2=0.1, dim=dim)  # parameters no other test compiles
+    lam = torch.tensor(1.1)
+    for shape in shapes:
+        torch.manual_seed(len(shape) + shape[0])
+        x = torch.randn(shape) * 2
+        g = torch.randn(shape)
+        fast, eager = _run_velu(x, lam, g, True, **params), _run_velu(x, lam, g, False, **params)
+        for a, b in zip(fast, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert any(k.startswith("velu_bwd(0.3, 0.2") for k in fused.compile_times()), "fast path not taken"
+
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_gem_kernel_serves_every_size_and_layout():
+    y = hf_gemact.gem(torch.randn(N), 3, 1.0, 0.5)  # compiles for this size
+    for x in (torch.randn(4097), torch.randn(300, 200), torch.randn(200, 300).t(), torch.randn(64, 2, 64)[:, 0]):
+        torch.testing.assert_close(hf_gemact.gem(x, 3, 1.0, 0.5), F.gem_forward(x, 3, 1.0, 0.5))
+    assert fused.fast_path_info()["kernels"]["gem_fwd(3, 1.0, 0.5)[float32,cpu]"] == "ok" and y.shape == (N,)
+
+
+def test_kernel_guards_made_while_compiling_are_checked_on_every_call():
+    # Inductor can make guards of its own (32-bit indexing on CUDA); outside them the call runs eager.
+    def branchy(x):
+        return x * 2 if x.shape[0] > 5000 else x * 3
+
+    kernel = fused._GraphKernel(branchy, (torch.randn(N),), {})
+    torch.testing.assert_close(kernel(torch.ones(6000)), torch.full((6000,), 2.0))
+    with pytest.raises(fused._NotCovered):
+        kernel(torch.ones(4100))
+
+
+def test_without_standalone_compile_the_kernels_go_through_torch_compile(monkeypatch):
+    # torch < 2.8 has no torch._inductor.standalone_compile: the same kernels then run under torch.compile.
+    monkeypatch.setattr(fused, "_standalone_compile", lambda: None)
+    x = _input(torch.float32, "cpu")
+    g = torch.randn(x.shape)
+    fn = lambda t: hf_gemact.gem(t, 5, 1.0, 0.0)  # noqa: E731
+    (y_fast, gx_fast), (y_eager, gx_eager) = _run(fn, x, g, True), _run(fn, x, g, False)
+    assert not isinstance(fused._kernels[("gem_fwd", (5, 1.0, 0.0), torch.float32, "cpu")], fused._GraphKernel)
+    torch.testing.assert_close(y_fast, y_eager, equal_nan=True, **TOL[torch.float32])
+    torch.testing.assert_close(gx_fast, gx_eager, equal_nan=True, **TOL[torch.float32])
+
+
 def test_velu_fast_path_keeps_the_eager_nan_inf_rules():
     torch.manual_seed(0)
     x = torch.randn(16, 1024) * 2
