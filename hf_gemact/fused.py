@@ -183,7 +183,10 @@ def _make_kernel(src: str, name: str, params: dict, device_type: str, args: tupl
     fn.__qualname__ = f"{name}_{abs(hash((src, tuple(params.items())))):x}"
     options = _compile_options(device_type)
     if _standalone_compile() is not None:
-        return _GraphKernel(fn, args, options)
+        try:
+            return _GraphKernel(fn, args, options)
+        except Exception:  # a torch whose standalone_compile does not take this graph: torch.compile can
+            pass
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 

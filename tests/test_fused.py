@@ -143,6 +143,8 @@ def test_gem_kernel_serves_every_size_and_layout():
     for x in (torch.randn(4097), torch.randn(300, 200), torch.randn(200, 300).t(), torch.randn(64, 2, 64)[:, 0]):
         torch.testing.assert_close(hf_gemact.gem(x, 3, 1.0, 0.5), F.gem_forward(x, 3, 1.0, 0.5))
     assert fused.fast_path_info()["kernels"]["gem_fwd(3, 1.0, 0.5)[float32,cpu]"] == "ok" and y.shape == (N,)
+    if fused._standalone_compile() is not None:  # this torch takes the route without Dynamo
+        assert isinstance(fused._kernels[("gem_fwd", (3, 1.0, 0.5), torch.float32, "cpu")], fused._GraphKernel)
 
 
 def test_kernel_guards_made_while_compiling_are_checked_on_every_call():
