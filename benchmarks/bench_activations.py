@@ -14,7 +14,7 @@ ratio is the median over rounds of (variant / F.gelu) measured in the same round
 shared machine shifts numerator and denominator alike. Forward is run without autograd; forward
 +backward is `y = act(x); y.backward(g)` with x.requires_grad. "saved" is what autograd keeps for
 backward (torch.autograd.graph.saved_tensors_hooks), in units of the input's size. "compile s" is
-the first call's Dynamo+Inductor time of the kernels that configuration used (with whatever the
+the first call's tracing+Inductor time of the kernels that configuration used (with whatever the
 on-disk Inductor cache already held; `--cold-compile` also measures it in a fresh process with an
 empty cache). On CUDA, "GB/s" counts the minimal traffic (forward: read x, write y; forward
 +backward: that plus read x, read g, write grad) and "%peak" divides it by the device's peak.

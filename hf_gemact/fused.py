@@ -37,7 +37,7 @@ The fast path is skipped (None) when:
 Every kernel is compiled once per (activation parameters, dtype, device, layout) for all shapes:
 traced with symbolic sizes (make_fx) and compiled by torch._inductor.standalone_compile, then
 called directly, without the guard checks and wrappers that torch.compile runs on every call
-(about 25 us on CPU; the GEM kernel at 64K elements takes 15). Where torch has no
+(a fixed cost of the order of the whole GEM kernel at 64K elements on CPU). Where torch has no
 standalone_compile (torch < 2.8) the same kernel functions go through torch.compile(dynamic=True).
 VeLU's kernels see x as a contiguous (outer, D) or (outer, D, inner) view, so that any shape and
 `dim` meet one of two layouts. Each kernel is generated as its own small function with the
@@ -204,9 +204,9 @@ class _GraphKernel:
     """`fn` compiled by Inductor for one argument layout, and called without Dynamo.
 
     A torch.compile'd function evaluates Dynamo's guards and runs Dynamo's and AOTAutograd's Python
-    wrappers on every call: about 25 us on CPU, more than the kernel itself at 64K elements. Here
-    `fn` is traced once with symbolic sizes (make_fx) and handed to Inductor directly
-    (torch._inductor.standalone_compile), which leaves about 5 us per call.
+    wrappers on every call, which costs about as much as the GEM kernel itself at 64K elements on
+    CPU. Here `fn` is traced once with symbolic sizes (make_fx) and handed to Inductor directly
+    (torch._inductor.standalone_compile); a call is then the compiled code's own thin wrapper.
 
     Nothing checks the arguments per call, so the callers keep the promise that guards would have
     checked: all calls under one kernel key pass contiguous tensors with the same dtypes, devices,
