@@ -26,8 +26,10 @@ The fast path is skipped (None) when:
     differentiable, a compiled kernel is not;
   * the dtype is not float32/float16/bfloat16 (float64 stays exact eager), the device is not CPU or
     CUDA, or the tensor is a subclass (fake, functional, DTensor ...);
-  * the tensor is smaller than `min_numel` (default: see `_DEFAULT_MIN_NUMEL`), where one
-    compiled call's fixed overhead is no cheaper than the eager ops;
+  * the tensor is smaller than `min_numel` (default: see `_DEFAULT_MIN_NUMEL`): a compiled call
+    is still faster than the eager ops there, but the microseconds it saves are not worth seconds
+    of compiling, so tiny models (tests, toy runs) never compile; under
+    torch.compile (torch < 2.8) the call's own overhead also matches the eager ops about here;
   * VeLU only: lam is not a 0-d tensor, or the reduced dim has a single element;
   * the arguments are outside a guard Inductor made while compiling (e.g. 32-bit indexing on
     CUDA): that call alone runs eager;
