@@ -295,7 +295,11 @@ def _failed(key, err: Exception):
 
 
 def _call(key, src, name, params, *args):
-    """Run the compiled kernel for `key`, compiling it on first use; None if it cannot be had."""
+    """Run the compiled kernel for `key`, compiling it on first use; None if it cannot be had.
+
+    key = (kind, params, dtype, device, ...): the device with its index, because the compiled
+    code allocates its outputs on the device it was compiled for (a model split over two GPUs).
+    """
     fn = _kernels.get(key, False)
     if fn is None:
         return None
@@ -320,7 +324,7 @@ def _compile(key, src, name, params, args):
     with _lock:
         if key not in _kernels:
             try:
-                _kernels[key] = _make_kernel(src, name, params, key[3], args)
+                _kernels[key] = _make_kernel(src, name, params, key[3].type, args)
             except Exception as err:  # no compiler, unsupported platform, Inductor bug: stay eager
                 return _failed(key, err)
         return _kernels[key]
@@ -334,7 +338,7 @@ def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
     if not _usable(x):
         return None
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
-    key = ("gem_fwd", (n, eps, a), x.dtype, x.device.type)
+    key = ("gem_fwd", (n, eps, a), x.dtype, x.device)
     y = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
     return None if y is None else y.view_as(x)
 
@@ -347,7 +351,7 @@ def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a:
         return None
     flat_x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
     flat_g = grad_out.reshape(-1) if grad_out.is_contiguous() else grad_out.contiguous().view(-1)
-    key = ("gem_bwd", (n, eps, a), x.dtype, x.device.type, grad_out.dtype)
+    key = ("gem_bwd", (n, eps, a), x.dtype, x.device, grad_out.dtype)
     gx = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
     return None if gx is None else gx.view_as(x)
 
@@ -384,7 +388,7 @@ def _velu_rows(x, dim):
 
 
 def _velu_row_scale(rows, mu, eps):
-    key = ("velu_scale", (mu, eps, 1), rows.dtype, rows.device.type, rows.dim())
+    key = ("velu_scale", (mu, eps, 1), rows.dtype, rows.device, rows.dim())
     return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": 1}, rows)
 
 
@@ -406,7 +410,7 @@ def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=Tru
         if row_scale is None:
             return None
         k, t = row_scale
-    key = ("velu_fwd", tuple(params.values()), x.dtype, x.device.type, lam.dtype, rows.dim())
+    key = ("velu_fwd", tuple(params.values()), x.dtype, x.device, lam.dtype, rows.dim())
     res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, rows, lam, k, t)
     if res is None:
         return None
@@ -437,7 +441,7 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale
     params["lam_needs_grad"] = lam.requires_grad
     variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, grad_out.dtype, lam.dtype,
                rows.dim())
-    key = ("velu_bwd", tuple(params.values()), x.dtype, x.device.type, variant)
+    key = ("velu_bwd", tuple(params.values()), x.dtype, x.device, variant)
     res = _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, rows, lam, _velu_rows(grad_out, dim), grad_mean,
                 grad_std, mean, std, g, k, t)
     return None if res is None else (res[0].view(x.shape), res[1])

@@ -66,7 +66,7 @@ def test_gem_fast_path_matches_eager_with_the_same_nan_inf_rules(n, eps, a, dtyp
     g = torch.randn(x.shape, device=device).to(dtype)
     fn = lambda t: hf_gemact.gem(t, n, eps, a)  # noqa: E731
     y_fast, gx_fast = _run(fn, x, g, True)
-    assert f"gem_fwd{(n, eps, a)}[{str(dtype)[6:]},{device}]" in fused.compile_times(), "fast path not taken"
+    assert f"gem_fwd{(n, eps, a)}[{str(dtype)[6:]},{x.device}]" in fused.compile_times(), "fast path not taken"
     y_eager, gx_eager = _run(fn, x, g, False)
     assert y_fast.dtype == gx_fast.dtype == dtype
     torch.testing.assert_close(y_fast, y_eager, equal_nan=True, **TOL[dtype])
@@ -109,7 +109,7 @@ def test_velu_fast_path_matches_eager(params, dtype, shape, device):
     g = torch.randn(x.shape, device=device).to(dtype)
 
     fast, eager = _run_velu(x, lam, g, True, **params), _run_velu(x, lam, g, False, **params)
-    assert any(k.startswith("velu_bwd") and f",{device}," in k for k in fused.compile_times())
+    assert any(k.startswith("velu_bwd") and f",{x.device}," in k for k in fused.compile_times())
     tol = TOL[dtype]
     for a, b in zip(fast, eager):
         torch.testing.assert_close(a, b, rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-4))
@@ -144,7 +144,7 @@ def test_gem_kernel_serves_every_size_and_layout():
         torch.testing.assert_close(hf_gemact.gem(x, 3, 1.0, 0.5), F.gem_forward(x, 3, 1.0, 0.5))
     assert fused.fast_path_info()["kernels"]["gem_fwd(3, 1.0, 0.5)[float32,cpu]"] == "ok" and y.shape == (N,)
     if fused._standalone_compile() is not None:  # this torch takes the route without Dynamo
-        assert isinstance(fused._kernels[("gem_fwd", (3, 1.0, 0.5), torch.float32, "cpu")], fused._GraphKernel)
+        assert isinstance(fused._kernels[("gem_fwd", (3, 1.0, 0.5), torch.float32, torch.device("cpu"))], fused._GraphKernel)
 
 
 def test_kernel_guards_made_while_compiling_are_checked_on_every_call():
@@ -165,7 +165,7 @@ def test_without_standalone_compile_the_kernels_go_through_torch_compile(monkeyp
     g = torch.randn(x.shape)
     fn = lambda t: hf_gemact.gem(t, 5, 1.0, 0.0)  # noqa: E731
     (y_fast, gx_fast), (y_eager, gx_eager) = _run(fn, x, g, True), _run(fn, x, g, False)
-    assert not isinstance(fused._kernels[("gem_fwd", (5, 1.0, 0.0), torch.float32, "cpu")], fused._GraphKernel)
+    assert not isinstance(fused._kernels[("gem_fwd", (5, 1.0, 0.0), torch.float32, torch.device("cpu"))], fused._GraphKernel)
     torch.testing.assert_close(y_fast, y_eager, equal_nan=True, **TOL[torch.float32])
     torch.testing.assert_close(gx_fast, gx_eager, equal_nan=True, **TOL[torch.float32])
 
