@@ -59,6 +59,7 @@ GEM_CASES = [  # (n, eps, a, dtype): every dtype for GEM, one each for E-GEM and
 ]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a kernel falling back to eager fails the test
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,eps,a,dtype", GEM_CASES)
 def test_gem_fast_path_matches_eager_with_the_same_nan_inf_rules(n, eps, a, dtype, device):
@@ -101,6 +102,7 @@ VELU_FAST_CASES = [  # (params, dtype, shape): defaults in both dtypes, the repo
 ]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("params,dtype,shape", VELU_FAST_CASES)
 def test_velu_fast_path_matches_eager(params, dtype, shape, device):
