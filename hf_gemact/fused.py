@@ -238,7 +238,6 @@ class _GraphKernel:
             shape_env = placeholders[0].fake_mode.shape_env
             self._compiled = _standalone_compile()(gm, examples, dynamic_shapes="from_graph",
                                                    options={"config_patches": options})
-        self._present = present
         self._single, self._none = returned["single"], returned["none"]
         self._shape_env, self._guards = shape_env, None
         if shape_env.guards:

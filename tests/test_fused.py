@@ -136,6 +136,9 @@ def test_one_velu_kernel_serves_every_shape(dim, shapes):
         for a, b in zip(fast, eager):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         assert any(k.startswith("velu_bwd(0.3, 0.2") for k in fused.compile_times()), "fast path not taken"
+    if fused._standalone_compile() is not None:  # this torch takes the route without Dynamo
+        velu_kernels = [fn for key, fn in fused._kernels.items() if key[0].startswith("velu") and key[1][:2] == (0.3, 0.2)]
+        assert velu_kernels and all(isinstance(fn, fused._GraphKernel) for fn in velu_kernels)
 
 
 
