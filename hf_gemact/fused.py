@@ -156,7 +156,8 @@ _VELU_BWD_SRC = """
 def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, t):
     return F.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std,
                            {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r},
-                           g=g, row_scale=None if k is None else (k, t), approx={approx!r}, lam_needs_grad={lam_needs_grad!r})
+                           g=g, row_scale=None if k is None else (k, t), approx={approx!r},
+                           lam_needs_grad={lam_needs_grad!r})
 """
 
 
