@@ -32,7 +32,7 @@ The fast path is skipped (None) when:
     torch.compile (torch < 2.8) the call's own overhead also matches the eager ops about here;
   * VeLU only: lam is not a 0-d tensor, or the reduced dim has a single element;
   * the arguments are outside a guard Inductor made while compiling (e.g. 32-bit indexing on
-    CUDA): that call alone runs eager;
+    CUDA): that call alone runs eager, and `fast_path_info` counts such calls;
   * compiling failed once for that kernel (no C++ compiler, no Triton, an Inductor error): a
     warning is given once and that kernel stays eager from then on.
 
@@ -71,6 +71,7 @@ def _env_enabled() -> bool:
 _state = {"enabled": _env_enabled(), "min_numel": dict(_DEFAULT_MIN_NUMEL)}
 _kernels: dict = {}  # key -> compiled callable, or None where compiling failed
 _compile_times: dict = {}  # key -> seconds spent in the first call (tracing + compiling)
+_uncovered_calls: dict = {}  # key -> calls that fell outside the kernel's guards and ran eager
 _lock = threading.Lock()
 
 
@@ -92,12 +93,19 @@ def fast_path_enabled() -> bool:
 
 
 def fast_path_info() -> dict:
-    """The switch, thresholds, compiled kernels (and which failed), for logs and bug reports."""
+    """The switch, thresholds, compiled kernels (which failed, which ran some calls eager), for logs."""
     return {
         "enabled": _state["enabled"],
         "min_numel": dict(_state["min_numel"]),
-        "kernels": {_describe(k): ("ok" if v is not None else "failed (eager)") for k, v in _kernels.items()},
+        "kernels": {_describe(k): _kernel_state(k, v) for k, v in _kernels.items()},
     }
+
+
+def _kernel_state(key, kernel) -> str:
+    if kernel is None:
+        return "failed (eager)"
+    uncovered = _uncovered_calls.get(key)
+    return f"ok; calls outside its guards that ran eager: {uncovered}" if uncovered else "ok"
 
 
 def compile_times() -> dict:
@@ -110,6 +118,7 @@ def clear_cache() -> None:
     with _lock:
         _kernels.clear()
         _compile_times.clear()
+        _uncovered_calls.clear()
 
 
 def _describe(key) -> str:
@@ -312,6 +321,7 @@ def _call(key, src, name, params, *args):
     try:
         out = fn(*args)
     except _NotCovered:
+        _uncovered_calls[key] = _uncovered_calls.get(key, 0) + 1
         return None
     except Exception as err:  # compiling lazily (torch.compile) failed, or an Inductor error: stay eager
         return _failed(key, err)

@@ -164,6 +164,19 @@ def test_kernel_guards_made_while_compiling_are_checked_on_every_call():
     with pytest.raises(fused._NotCovered):
         kernel(torch.ones(4100))
 
+    # Through the dispatcher, such a call runs eager (None) and is counted where users can see it.
+    key = ("branchy", (), torch.float32, torch.device("cpu"))
+    counted = "ok; calls outside its guards that ran eager: 1"
+    fused._kernels[key] = kernel
+    try:
+        assert fused._call(key, None, None, None, torch.ones(4100)) is None
+        assert fused.fast_path_info()["kernels"]["branchy()[float32,cpu]"] == counted
+        assert fused._call(key, None, None, None, torch.ones(6000)) is not None
+        assert fused.fast_path_info()["kernels"]["branchy()[float32,cpu]"] == counted
+    finally:
+        fused._kernels.pop(key)
+        fused._uncovered_calls.pop(key)
+
 
 def test_without_standalone_compile_the_kernels_go_through_torch_compile(monkeypatch):
     # torch < 2.8 has no torch._inductor.standalone_compile: the same kernels then run under torch.compile.
