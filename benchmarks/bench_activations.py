@@ -18,6 +18,8 @@ the first call's tracing+Inductor time of the kernels that configuration used (w
 on-disk Inductor cache already held; `--cold-compile` also measures it in a fresh process with an
 empty cache). On CUDA, "GB/s" counts the minimal traffic (forward: read x, write y; forward
 +backward: that plus read x, read g, write grad) and "%peak" divides it by the device's peak.
+Fast-path kernels that did not run compiled (compiling failed, or calls fell outside the guards
+Inductor made) are listed after the table with a warning: those rows measured eager code.
 """
 
 from __future__ import annotations
@@ -297,6 +299,13 @@ def main(argv=None):
         for act, r in ratios.items():
             print(f"  {act:7s} {r:.3f}x   (first step incl. compile {first[act]:.1f} s)")
 
+    # A kernel that failed to compile, or calls outside its guards, run eager: those rows are not the fast path.
+    not_fused = {k: state for k, state in fused.fast_path_info()["kernels"].items() if state != "ok"}
+    if not_fused:
+        print("\nWARNING: these fast-path kernels ran (some calls) eager; their activations' rows above are "
+              "not the fast path's numbers:")
+        for kernel, state in not_fused.items():
+            print(f"  {kernel}: {state}")
     total_compile = sum(fused.compile_times().values())
     print(f"\nfast-path kernels compiled in this run: {len(fused.compile_times())}, "
           f"total first-call time {total_compile:.1f} s, slowest {max(fused.compile_times().values(), default=0):.1f} s")
