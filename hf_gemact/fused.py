@@ -36,15 +36,15 @@ The fast path is skipped (None) when:
   * compiling failed once for that kernel (no C++ compiler, no Triton, an Inductor error): a
     warning is given once and that kernel stays eager from then on.
 
-Every kernel is compiled once per (activation parameters, dtype, device, layout) for all shapes:
-traced with symbolic sizes (make_fx) and compiled by torch._inductor.standalone_compile, then
-called directly, without the guard checks and wrappers that torch.compile runs on every call
-(a fixed cost of the order of the whole GEM kernel at 64K elements on CPU). Where torch has no
-standalone_compile (torch < 2.8) the same kernel functions go through torch.compile(dynamic=True).
-VeLU's kernels see x as a contiguous (outer, D) or (outer, D, inner) view, so that any shape and
-`dim` meet one of two layouts. Each kernel is generated as its own small function with the
-parameters written in as literals: they are constants in the graph (N becomes an unrolled
-product, not a generic pow), and under torch.compile each kernel keeps its own cache.
+Every kernel is compiled once per (activation parameters, dtype, device, layout, and on CPU the
+thread count) for all shapes: traced with symbolic sizes (make_fx) and compiled by
+torch._inductor.standalone_compile, then called directly, without the guard checks and wrappers that
+torch.compile runs on every call (a fixed cost of the order of the whole GEM kernel at 64K elements
+on CPU). Where torch has no standalone_compile (torch < 2.8) the same kernel functions go through
+torch.compile(dynamic=True). VeLU's kernels see x as a contiguous (outer, D) or (outer, D, inner)
+view, so that any shape and `dim` meet one of two layouts. Each kernel is generated as its own small
+function with the parameters written in as literals: they are constants in the graph (N becomes an
+unrolled product, not a generic pow), and under torch.compile each kernel keeps its own cache.
 """
 
 from __future__ import annotations
@@ -291,6 +291,18 @@ def _trace_examples(tensors: list) -> list:
     return examples
 
 
+def _key(kind: str, params: tuple, x: torch.Tensor, *layout) -> tuple:
+    """A kernel's cache key: (kind, params, dtype, device, *layout[, threads]).
+
+    The device keeps its index, because the compiled code allocates its outputs on the device it was
+    compiled for (a model split over two GPUs). On CPU the key holds the thread count, as
+    torch.compile's guards do: Inductor's C++ code is specialised to it (compiled for one thread it
+    has no parallel region at all, and would stay serial after torch.set_num_threads(2)).
+    """
+    key = (kind, params, x.dtype, x.device, *layout)
+    return (*key, f"threads={torch.get_num_threads()}") if x.device.type == "cpu" else key
+
+
 def _failed(key, err: Exception):
     _kernels[key] = None
     first = (str(err).strip().splitlines() or [""])[0][:200]
@@ -304,11 +316,7 @@ def _failed(key, err: Exception):
 
 
 def _call(key, src, name, params, *args):
-    """Run the compiled kernel for `key`, compiling it on first use; None if it cannot be had.
-
-    key = (kind, params, dtype, device, ...): the device with its index, because the compiled
-    code allocates its outputs on the device it was compiled for (a model split over two GPUs).
-    """
+    """Run the compiled kernel for `key` (see _key), compiling it on first use; None if it cannot be had."""
     fn = _kernels.get(key, False)
     if fn is None:
         return None
@@ -348,7 +356,7 @@ def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
     if not _usable(x):
         return None
     flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
-    key = ("gem_fwd", (n, eps, a), x.dtype, x.device)
+    key = _key("gem_fwd", (n, eps, a), x)
     y = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
     return None if y is None else y.view_as(x)
 
@@ -361,7 +369,7 @@ def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a:
         return None
     flat_x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
     flat_g = grad_out.reshape(-1) if grad_out.is_contiguous() else grad_out.contiguous().view(-1)
-    key = ("gem_bwd", (n, eps, a), x.dtype, x.device, grad_out.dtype)
+    key = _key("gem_bwd", (n, eps, a), x, grad_out.dtype)
     gx = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
     return None if gx is None else gx.view_as(x)
 
@@ -398,7 +406,7 @@ def _velu_rows(x, dim):
 
 
 def _velu_row_scale(rows, mu, eps):
-    key = ("velu_scale", (mu, eps, 1), rows.dtype, rows.device, rows.dim())
+    key = _key("velu_scale", (mu, eps, 1), rows, rows.dim())
     return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": 1}, rows)
 
 
@@ -420,7 +428,7 @@ def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=Tru
         if row_scale is None:
             return None
         k, t = row_scale
-    key = ("velu_fwd", tuple(params.values()), x.dtype, x.device, lam.dtype, rows.dim())
+    key = _key("velu_fwd", tuple(params.values()), x, lam.dtype, rows.dim())
     res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, rows, lam, k, t)
     if res is None:
         return None
@@ -451,7 +459,7 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale
     params["lam_needs_grad"] = lam.requires_grad
     variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, grad_out.dtype, lam.dtype,
                rows.dim())
-    key = ("velu_bwd", tuple(params.values()), x.dtype, x.device, variant)
+    key = _key("velu_bwd", tuple(params.values()), x, variant)
     res = _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, rows, lam, _velu_rows(grad_out, dim), grad_mean,
                 grad_std, mean, std, g, k, t)
     return None if res is None else (res[0].view(x.shape), res[1])

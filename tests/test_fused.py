@@ -67,7 +67,7 @@ def test_gem_fast_path_matches_eager_with_the_same_nan_inf_rules(n, eps, a, dtyp
     g = torch.randn(x.shape, device=device).to(dtype)
     fn = lambda t: hf_gemact.gem(t, n, eps, a)  # noqa: E731
     y_fast, gx_fast = _run(fn, x, g, True)
-    assert f"gem_fwd{(n, eps, a)}[{str(dtype)[6:]},{x.device}]" in fused.compile_times(), "fast path not taken"
+    assert fused._describe(fused._key("gem_fwd", (n, eps, a), x)) in fused.compile_times(), "fast path not taken"
     y_eager, gx_eager = _run(fn, x, g, False)
     assert y_fast.dtype == gx_fast.dtype == dtype
     torch.testing.assert_close(y_fast, y_eager, equal_nan=True, **TOL[dtype])
@@ -148,10 +148,25 @@ def test_gem_kernel_serves_every_size_and_layout():
     y = hf_gemact.gem(torch.randn(N), 3, 1.0, 0.5)  # compiles for this size
     for x in (torch.randn(4097), torch.randn(300, 200), torch.randn(200, 300).t(), torch.randn(64, 2, 64)[:, 0]):
         torch.testing.assert_close(hf_gemact.gem(x, 3, 1.0, 0.5), F.gem_forward(x, 3, 1.0, 0.5))
-    assert fused.fast_path_info()["kernels"]["gem_fwd(3, 1.0, 0.5)[float32,cpu]"] == "ok" and y.shape == (N,)
+    key = fused._key("gem_fwd", (3, 1.0, 0.5), y)
+    assert fused.fast_path_info()["kernels"][fused._describe(key)] == "ok" and y.shape == (N,)
     if fused._standalone_compile() is not None:  # this torch takes the route without Dynamo
-        kernel = fused._kernels[("gem_fwd", (3, 1.0, 0.5), torch.float32, torch.device("cpu"))]
-        assert isinstance(kernel, fused._GraphKernel)
+        assert isinstance(fused._kernels[key], fused._GraphKernel)
+
+
+def test_cpu_kernels_are_compiled_for_the_thread_count_they_run_with():
+    # Inductor's C++ code compiled for one thread has no parallel region: after set_num_threads(2)
+    # it would stay serial. torch.compile guards on the thread count; the kernel key holds it.
+    threads = torch.get_num_threads()
+    x = torch.randn(N)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(hf_gemact.gem(x, 6, 1.0, 0.0), F.gem_forward(x, 6, 1.0, 0.0))
+    finally:
+        torch.set_num_threads(threads)
+    kernels = set(fused.fast_path_info()["kernels"])
+    assert {f"gem_fwd(6, 1.0, 0.0)[float32,cpu,threads={n}]" for n in (1, 2)} <= kernels
 
 
 def test_kernel_guards_made_while_compiling_are_checked_on_every_call():
@@ -185,7 +200,7 @@ def test_without_standalone_compile_the_kernels_go_through_torch_compile(monkeyp
     g = torch.randn(x.shape)
     fn = lambda t: hf_gemact.gem(t, 5, 1.0, 0.0)  # noqa: E731
     (y_fast, gx_fast), (y_eager, gx_eager) = _run(fn, x, g, True), _run(fn, x, g, False)
-    kernel = fused._kernels[("gem_fwd", (5, 1.0, 0.0), torch.float32, torch.device("cpu"))]
+    kernel = fused._kernels[fused._key("gem_fwd", (5, 1.0, 0.0), x)]
     assert kernel is not None and not isinstance(kernel, fused._GraphKernel)
     torch.testing.assert_close(y_fast, y_eager, equal_nan=True, **TOL[torch.float32])
     torch.testing.assert_close(gx_fast, gx_eager, equal_nan=True, **TOL[torch.float32])
