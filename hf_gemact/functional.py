@@ -66,12 +66,21 @@ def gem_derivative(x: torch.Tensor, n: int, eps: float, a: float) -> torch.Tenso
 
 
 class _GEMFunction(torch.autograd.Function):
+    # forward and backward are plain tensor ops under functorch (the fast path steps aside for its
+    # wrapped tensors), so vmap can run them as they are: torch.func.vmap, grad, jacrev. No custom
+    # jvp (forward mode, jacfwd): Dynamo cannot trace a Function that has one, and whole-model
+    # torch.compile must keep tracing this one; a Hessian is jacrev(jacrev(f)).
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, n, eps, a):
-        ctx.save_for_backward(x)
-        ctx.params = (n, eps, a)
+    def forward(x, n, eps, a):
         y = _fused.gem_forward(x, n, eps, a)  # compiled fast path, None where it does not apply
         return gem_forward(x, n, eps, a) if y is None else y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, *ctx.params = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -255,17 +264,30 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, alpha, beta1
 
 
 class _VeLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
-        ctx.params = (alpha, beta1, beta2, gamma, mu, eps, dim)
-        res = _fused.velu_forward(x, lam, *ctx.params, need_grad=any(ctx.needs_input_grad[:2]))
-        out, mean, std, g, k, t = (*velu_forward(x, lam, *ctx.params), None, None, None) if res is None else res
-        ctx.save_for_backward(x, lam, mean, std, g, k, t)
-        return out, mean, std
+    # As for GEM: plain tensor ops under functorch, so vmap can run forward and backward as they
+    # are. The fast path's gate g and row scale (k, t) are returned as non-differentiable extra
+    # outputs, the way setup_context-style functions keep intermediates for backward.
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_out, grad_mean, grad_std):
+    def forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim):
+        params = (alpha, beta1, beta2, gamma, mu, eps, dim)
+        res = _fused.velu_forward(x, lam, *params, need_grad=x.requires_grad or lam.requires_grad)
+        return (*velu_forward(x, lam, *params), None, None, None) if res is None else res
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lam, *ctx.params = inputs
+        _, mean, std, g, k, t = output
+        ctx.mark_non_differentiable(*(saved for saved in (g, k, t) if saved is not None))
+        ctx.set_materialize_grads(False)  # unused statistics get no zero-filled gradient
+        ctx.save_for_backward(x, lam, mean, std, g, k, t)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_std, *_):
         x, lam, mean, std, g, k, t = ctx.saved_tensors
+        if grad_out is None:  # only the statistics were used (the auxiliary loss alone)
+            grad_out = torch.zeros_like(x)
         row_scale = None if k is None else (k, t)
         res = _fused.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale, *ctx.params)
         if res is None:
@@ -293,7 +315,7 @@ def velu(
     """
     if lam is None:
         lam = torch.ones((), dtype=x.dtype, device=x.device)
-    out, mean, std = _VeLUFunction.apply(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim)
+    out, mean, std, *_ = _VeLUFunction.apply(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim)
     return (out, mean, std) if return_stats else out
 
 

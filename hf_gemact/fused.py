@@ -25,7 +25,8 @@ The fast path is skipped (None) when:
   * grad mode is on inside backward (create_graph=True, double backward): the eager backward is
     differentiable, a compiled kernel is not;
   * the dtype is not float32/float16/bfloat16 (float64 stays exact eager), the device is not CPU or
-    CUDA, or the tensor is a subclass (fake, functional, DTensor ...);
+    CUDA, or the tensor is a subclass (fake, functional, DTensor ...) or functorch's wrapper
+    (torch.func.vmap, jacrev: the eager ops then run under the transform);
   * the tensor is smaller than `min_numel` (default: see `_DEFAULT_MIN_NUMEL`): a compiled call
     is still faster than the eager ops there, but the microseconds it saves are not worth seconds
     of compiling, so tiny models (tests, toy runs) never compile; under
@@ -130,9 +131,14 @@ def _describe(key) -> str:
 # ----------------------------------------------------------------------------- applicability
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor with its own storage: not a subclass, nor functorch's wrapper (vmap, grad, jvp)."""
+    return type(t) in _PLAIN and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _usable(x: torch.Tensor) -> bool:
     # is_compiling first: under Dynamo nothing below may be evaluated (a numel test would guard).
-    if torch.compiler.is_compiling() or not _state["enabled"] or type(x) not in _PLAIN:
+    if torch.compiler.is_compiling() or not _state["enabled"] or not _plain(x):
         return False
     if x.dtype not in _FAST_DTYPES:
         return False
@@ -363,7 +369,7 @@ def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
 
 def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a: float):
     """Fused grad_out * GEM'(x) in x's dtype, or None (eager) where the fast path does not apply."""
-    if torch.is_grad_enabled() or not _usable(x) or type(grad_out) not in _PLAIN:
+    if torch.is_grad_enabled() or not _usable(x) or not _plain(grad_out):
         return None
     if grad_out.shape != x.shape or grad_out.device != x.device:
         return None
@@ -416,7 +422,7 @@ def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=Tru
     g (the gate) and k, t (velu_row_scale) are for backward, laid out as _velu_rows(x, dim); they
     are None on CUDA, and g is None where no gradient is needed.
     """
-    if not _usable(x) or type(lam) not in _PLAIN or lam.device != x.device or lam.dim() != 0:
+    if not _usable(x) or not _plain(lam) or lam.device != x.device or lam.dim() != 0:
         return None
     rows = _velu_rows(x, dim)
     if rows is None:
@@ -444,11 +450,11 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale
 
     g and row_scale are velu_forward's (or None, to recompute them).
     """
-    if torch.is_grad_enabled() or not _usable(x) or type(lam) not in _PLAIN or lam.dim() != 0:
+    if torch.is_grad_enabled() or not _usable(x) or not _plain(lam) or lam.dim() != 0:
         return None
     k, t = (None, None) if row_scale is None else row_scale
     for tensor in (grad_out, grad_mean, grad_std, mean, std, g, k, t):
-        if tensor is not None and (type(tensor) not in _PLAIN or tensor.device != x.device):
+        if tensor is not None and (not _plain(tensor) or tensor.device != x.device):
             return None
     if grad_out is None or grad_out.shape != x.shape:
         return None

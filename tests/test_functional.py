@@ -32,6 +32,14 @@ def gem_reference_derivative(x: torch.Tensor, n: int, eps: float, a: float) -> t
     return torch.where(x >= 0, d, a * d)
 
 
+def gem_reference_second_derivative(x: torch.Tensor, n: int, eps: float, a: float) -> torch.Tensor:
+    """The derivative above, differentiated: 2N x^(2N-1) eps ((2N+1) eps + (1-2N) x^2N) / (eps + x^2N)^3."""
+    x = x.double()
+    p = x ** (2 * n)
+    d2 = 2 * n * x ** (2 * n - 1) * eps * ((2 * n + 1) * eps + (1 - 2 * n) * p) / (eps + p) ** 3
+    return torch.where(x >= 0, d2, a * d2)
+
+
 @pytest.mark.parametrize("n,eps,a", GEM_CASES)
 def test_gem_matches_closed_form(n, eps, a):
     x = torch.linspace(-6, 6, 2001, dtype=torch.float64, requires_grad=True)
@@ -251,6 +259,43 @@ def test_velu_gradcheck_and_gradgradcheck(params):
     fn = lambda t, l: hf_gemact.velu(t, l, **params, return_stats=True)  # noqa: E731
     assert gradcheck(fn, (x, lam))
     assert gradgradcheck(fn, (x, lam))
+
+
+@pytest.mark.parametrize("n,eps,a", GEM_CASES)
+def test_gem_under_torch_func_transforms_matches_the_closed_forms(n, eps, a):
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64)
+    f = lambda t: hf_gemact.gem(t, n, eps, a)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(f)(x), gem_reference(x, n, eps, a))
+    jac = torch.func.jacrev(f)(x)
+    torch.testing.assert_close(jac, torch.diag(gem_reference_derivative(x, n, eps, a)))
+    second = torch.func.vmap(torch.func.grad(torch.func.grad(f)))(x)
+    torch.testing.assert_close(second, gem_reference_second_derivative(x, n, eps, a))
+
+
+@pytest.mark.parametrize("params", VELU_CASES)
+def test_velu_per_sample_under_vmap_matches_the_reference_sample_by_sample(params):
+    torch.manual_seed(0)
+    shape = (3, 2, 5, 3, 3) if params["dim"] == 1 else (3, 4, 7)
+    x = torch.randn(shape, dtype=torch.float64) * 1.3
+    w = torch.randn(shape, dtype=torch.float64)
+    lam = torch.tensor(1.7, dtype=torch.float64)
+
+    def loss(t, w_t, velu):  # the output and the auxiliary loss of one sample
+        out, mean, std = velu(t, lam, **params, return_stats=True)
+        return (out * w_t).sum() + F.wasserstein_aux_loss(mean, std, 0.1)
+
+    def reference(t, lam, return_stats, **params):
+        out, y = velu_reference(t, lam, **params)
+        return out, y.mean(), y.std(unbiased=False)
+
+    outs = torch.func.vmap(lambda t: hf_gemact.velu(t, lam, **params))(x)
+    grads = torch.func.vmap(torch.func.grad(lambda t, w_t: loss(t, w_t, hf_gemact.velu)))(x, w)
+    for sample in range(shape[0]):
+        t = x[sample].clone().requires_grad_()
+        loss_ref = loss(t, w[sample], reference)
+        loss_ref.backward()
+        torch.testing.assert_close(outs[sample], velu_reference(t.detach(), lam, **params)[0])
+        torch.testing.assert_close(grads[sample], t.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_velu_asin_edge_keeps_gradients_finite():

@@ -322,6 +322,26 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert "failed" in str(fused.fast_path_info()["kernels"])
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a kernel handed a wrapped tensor would fail to compile
+def test_torch_func_transforms_over_large_samples_run_eager_and_leave_the_kernels_working():
+    # Under vmap the activation sees functorch's wrapped tensors, which have no storage of their
+    # own: the fast path must step aside for them (per-sample sizes here are above min_numel).
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, N // 4)
+    gem = lambda t: hf_gemact.gem(t, 2, 0.5, 0.0)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(gem)(x), F.gem_forward(x, 2, 0.5, 0.0))
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: hf_gemact.velu(t).square().sum()))(x)
+    for sample, grad in zip(x, per_sample):
+        t = sample.clone().requires_grad_()
+        hf_gemact.velu(t).square().sum().backward()
+        torch.testing.assert_close(grad, t.grad, rtol=1e-5, atol=1e-6)
+    v = x[0].reshape(-1)[:N // 2]  # jacrev at the threshold's size: forward on the fast path, backward vmapped
+    torch.testing.assert_close(torch.func.jacrev(gem)(v).diagonal(), F.gem_derivative(v, 2, 0.5, 0.0))
+    kernels = fused.fast_path_info()["kernels"]
+    used = {state for kernel, state in kernels.items() if kernel.startswith(("gem_fwd(2, 0.5,", "velu"))}
+    assert used == {"ok"}
+
+
 def test_double_backward_uses_the_differentiable_eager_backward():
     x = _input(torch.float32, "cpu", special=False).reshape(-1).requires_grad_()
     y = hf_gemact.gem(x, 2, 1.0, 0.0)
