@@ -65,6 +65,33 @@ def gem_derivative(x: torch.Tensor, n: int, eps: float, a: float) -> torch.Tenso
     return d
 
 
+def _apply(fn_cls, *args):
+    """fn_cls.apply(*args), through its combined-style twin outside torch.func transforms and Dynamo.
+
+    Function.apply binds a setup_context-style forward's arguments with inspect.signature on every
+    call (GEM's fused forward+backward at 64K elements, one CPU thread: 0.16 ms instead of 0.12);
+    the combined forward(ctx, ...) style skips that, but torch.func (vmap, grad, jacrev) needs
+    setup_context.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():  # Dynamo traces fn_cls
+        return fn_cls.apply(*args)
+    return fn_cls.combined.apply(*args)
+
+
+def _with_combined_twin(fn_cls):
+    """Give a setup_context-style Function `.combined`: the same steps as forward(ctx, *inputs)."""
+
+    def forward(ctx, *inputs):
+        output = fn_cls.forward(*inputs)
+        fn_cls.setup_context(ctx, inputs, output)
+        return output
+
+    fn_cls.combined = type(f"{fn_cls.__name__}Combined", (torch.autograd.Function,),
+                           {"forward": staticmethod(forward), "backward": staticmethod(fn_cls.backward)})
+    return fn_cls
+
+
+@_with_combined_twin
 class _GEMFunction(torch.autograd.Function):
     # forward and backward are plain tensor ops under functorch (the fast path steps aside for its
     # wrapped tensors), so vmap can run them as they are: torch.func.vmap, grad, jacrev. No custom
@@ -93,7 +120,7 @@ class _GEMFunction(torch.autograd.Function):
 
 def gem(x: torch.Tensor, n: int = 2, eps: float = 1.0, a: float = 0.0) -> torch.Tensor:
     """GEM / E-GEM / SE-GEM. Parameters are validated by the modules and the registry."""
-    return _GEMFunction.apply(x, n, eps, a)
+    return _apply(_GEMFunction, x, n, eps, a)
 
 
 # ----------------------------------------------------------------------------- VeLU
@@ -263,6 +290,7 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, alpha, beta1
     return grad_x.to(x.dtype), grad_lam
 
 
+@_with_combined_twin
 class _VeLUFunction(torch.autograd.Function):
     # As for GEM: plain tensor ops under functorch, so vmap can run forward and backward as they
     # are. The fast path's gate g and row scale (k, t) are returned as non-differentiable extra
@@ -315,7 +343,7 @@ def velu(
     """
     if lam is None:
         lam = torch.ones((), dtype=x.dtype, device=x.device)
-    out, mean, std, *_ = _VeLUFunction.apply(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim)
+    out, mean, std, *_ = _apply(_VeLUFunction, x, lam, alpha, beta1, beta2, gamma, mu, eps, dim)
     return (out, mean, std) if return_stats else out
 
 
