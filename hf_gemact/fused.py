@@ -110,7 +110,7 @@ def _kernel_state(key, kernel) -> str:
 
 
 def compile_times() -> dict:
-    """Seconds each kernel's first call took (Dynamo tracing plus Inductor compiling)."""
+    """Seconds each kernel's first call took (tracing plus Inductor compiling)."""
     return {_describe(k): t for k, t in _compile_times.items()}
 
 
