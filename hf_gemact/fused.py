@@ -361,7 +361,7 @@ def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
     """Fused GEM forward of x (any shape), or None where the fast path does not apply."""
     if not _usable(x):
         return None
-    flat = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
+    flat = x.contiguous().view(-1)
     key = _key("gem_fwd", (n, eps, a), x)
     y = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
     return None if y is None else y.view_as(x)
@@ -373,8 +373,8 @@ def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a:
         return None
     if grad_out.shape != x.shape or grad_out.device != x.device:
         return None
-    flat_x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
-    flat_g = grad_out.reshape(-1) if grad_out.is_contiguous() else grad_out.contiguous().view(-1)
+    flat_x = x.contiguous().view(-1)
+    flat_g = grad_out.contiguous().view(-1)
     key = _key("gem_bwd", (n, eps, a), x, grad_out.dtype)
     gx = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
     return None if gx is None else gx.view_as(x)
