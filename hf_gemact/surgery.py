@@ -80,10 +80,19 @@ class BlendedActivation(nn.Module):
     def extra_repr(self) -> str:
         return f"t={self.t:g}, {self.old_name} -> {self.new_name}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written after finalize_blend holds the new branch's parameters at the site
+        # itself (`act.lam`); a run resumed from it rebuilds the blend first (BlendCallback).
+        for name, _ in self.new.named_parameters():
+            flat, branch = prefix + name, prefix + "new." + name
+            if flat in state_dict and branch not in state_dict:
+                state_dict[branch] = state_dict.pop(flat)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def _clear_aux(module):
-    if getattr(module, "last_aux_loss", None) is not None:
-        module.last_aux_loss = None
+    if isinstance(module, VeLU):
+        module.clear_aux_loss()
 
 
 def _check_t(t) -> float:
@@ -530,6 +539,9 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         setattr(s.parent, s.attr, new)
         changes.append(SiteChange(s.path, s.block, s.role, old_name, name, 0.0 if blend else None))
     _sync_config(model, state)
+    from .integration import ensure_aux_hook
+
+    ensure_aux_hook(model)
     return SurgeryReport("patch" + (" (blend)" if blend else ""), recipe.family, changes)
 
 

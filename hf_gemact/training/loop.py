@@ -1,8 +1,8 @@
 """The training loop shared by run_clm.py, run_mlm.py and run_image_classification.py.
 
-One optimizer step = `gradient_accumulation_steps` micro-batches; the training loss is the task
-loss plus `hf_gemact.auxiliary_loss(model)` (VeLU's Wasserstein terms, zero for other
-activations); validation scores the task loss alone. Outputs in OUTPUT_DIR: log.jsonl (one line
+One optimizer step = `gradient_accumulation_steps` micro-batches; the training loss is the model's
+own loss, which in training mode holds VeLU's Wasserstein terms (zero for other activations; logged
+apart as aux_loss); validation scores the task loss alone. Outputs in OUTPUT_DIR: log.jsonl (one line
 per logged train/eval event), metrics.json (the run's summary), step_N/ checkpoints, and the final
 model + tokenizer/processor (save_pretrained).
 """
@@ -272,9 +272,11 @@ def run(task: str, argv=None) -> dict:
                 sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
                 with sync:
                     outputs = model(**batch)
-                    aux = hf_gemact.auxiliary_loss(model)
-                    accelerator.backward((outputs.loss + aux) / len(group))
-                local += torch.stack([outputs.loss.detach().double(), aux.detach().double(),
+                    # In training mode outputs.loss already holds VeLU's W2 terms (integration.py);
+                    # auxiliary_loss adds only terms no returned loss took (0 here), never one twice.
+                    accelerator.backward((outputs.loss + hf_gemact.auxiliary_loss(model)) / len(group))
+                aux = hf_gemact.recorded_aux_loss(model).detach().double()
+                local += torch.stack([outputs.loss.detach().double() - aux, aux,
                                       torch.ones((), dtype=torch.float64, device=local.device),
                                       torch.tensor(float(spec.units(batch)), dtype=torch.float64,
                                                    device=local.device)])
