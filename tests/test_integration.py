@@ -392,3 +392,26 @@ def test_lora_on_a_patched_model_trains_saves_and_reloads(tmp_path):
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(AdapterBaseMismatchError):
         other.load_adapter(tmp_path / "adapter", adapter_name="velu")
+
+
+# ----------------------------------------------------------------------------- docs/INTEGRATION.md
+
+
+def test_integration_doc_example_runs(tmp_path, shared_data, monkeypatch):
+    """The surgery + LoRA + Trainer example of docs/INTEGRATION.md, run as written, on a small local
+    GPT-2 with the real GPT-2 tokenizer instead of the Hub's `gpt2`."""
+    import re
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "INTEGRATION.md").read_text()
+    code = re.search(r"## Example.*?```python\n(.*?)```", text, re.S).group(1)
+    assert code.count('checkpoint = "gpt2"') == 1
+    local = tmp_path / "gpt2-small-local"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64)).save_pretrained(local)
+    AutoTokenizer.from_pretrained(shared_data / "gpt2-tokenizer").save_pretrained(local)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('checkpoint = "gpt2"', f"checkpoint = {str(local)!r}"), "INTEGRATION.md", "exec"), {})
+    assert (tmp_path / "outputs" / "gpt2-velu-lora" / "adapter" / "hf_gemact.json").is_file()
