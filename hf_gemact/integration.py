@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import json
 import sys
 from pathlib import Path
@@ -244,8 +243,13 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        spec = None
+        for finder in sys.meta_path:  # whichever finder would have found it (editable installs too)
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return None
         exec_module, patch = spec.loader.exec_module, self.patch
 
