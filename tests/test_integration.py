@@ -415,3 +415,52 @@ def test_integration_doc_example_runs(tmp_path, shared_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace('checkpoint = "gpt2"', f"checkpoint = {str(local)!r}"), "INTEGRATION.md", "exec"), {})
     assert (tmp_path / "outputs" / "gpt2-velu-lora" / "adapter" / "hf_gemact.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the project's loop
+
+
+def test_training_script_update_carries_the_w2_gradient(tmp_path, shared_data, monkeypatch):
+    """One optimizer step of run_clm.py on a pretrained VeLU GPT-2. AdamW's first step moves a weight
+    by -lr * g / (|g| + eps), so with lr = eps = 1 the saved weights give back the gradient g the
+    loop used, which must be that of task loss + W2 terms (computed here from the reference)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from hf_gemact.training import run
+
+    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path / "cache"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    block, samples = 32, 4
+    tokenizer = AutoTokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=block, activation_function="velu_alpha2_beta11_beta20.7",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:20_000]
+    (tmp_path / "train.txt").write_text(text)
+    run("clm", ["--model_name_or_path", str(tmp_path / "ckpt"), "--train_file", str(tmp_path / "train.txt"),
+                "--validation_file", str(tmp_path / "train.txt"), "--block_size", str(block),
+                "--max_train_samples", str(samples), "--per_device_train_batch_size", str(samples),
+                "--max_eval_samples", "4", "--max_train_steps", "1", "--learning_rate", "1", "--adam_epsilon", "1",
+                "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--output_dir", str(tmp_path / "out")])
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    u = (dict(before.named_parameters())[name] - dict(after.named_parameters())[name]).double()
+    got = u / (1 - u.abs())
+
+    # the step's batch: the first `samples` blocks of the file (one batch, so its order does not matter)
+    ids = [t for line in text.splitlines(keepends=True) for t in tokenizer(line)["input_ids"]]
+    inputs = torch.tensor(ids[: samples * block]).view(samples, block)
+    ref, terms = reference_model(before)
+    ref.train()
+    logits = ref(input_ids=inputs).logits
+    task = causal_ce(logits, inputs)
+    weight = dict(ref.named_parameters())[name]
+    (with_w2,) = torch.autograd.grad(task + sum(terms), weight, retain_graph=True)
+    (without,) = torch.autograd.grad(task, weight)
+    assert (with_w2 - without).abs().max() > 1e-4
+    torch.testing.assert_close(got, with_w2, rtol=1e-3, atol=1e-6)
