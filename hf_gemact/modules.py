@@ -74,16 +74,24 @@ class VeLU(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise ValueError(f"dim must be an integer, got {dim!r}")
         self.dim = int(dim)
-        self.lam = nn.Parameter(torch.ones(()))
+        # Shape (1,), not (): FSDP (fully_shard and FSDP1) cannot shard a 0-dim parameter.
+        self.lam = nn.Parameter(torch.ones(1))
         self.last_aux_loss: torch.Tensor | None = None
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.lam.fill_(1.0)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before lam became shape (1,) hold it as a 0-dim tensor.
+        key = prefix + "lam"
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, mean, std = F.velu(
-            x, self.lam, self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
+            x, self.lam.view(()), self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
             return_stats=True,
         )
         self.last_aux_loss = F.wasserstein_aux_loss(mean, std, self.lambda_ot)
@@ -94,6 +102,32 @@ class VeLU(nn.Module):
             f"alpha={self.alpha:g}, beta1={self.beta1:g}, beta2={self.beta2:g}, gamma={self.gamma:g}, "
             f"mu={self.mu:g}, eps={self.eps:g}, lambda_ot={self.lambda_ot:g}, dim={self.dim}"
         )
+
+
+def install_scalar_lam_loading() -> None:
+    """Let transformers >= 5's `from_pretrained` load checkpoints whose VeLU `lam` is 0-dim.
+
+    That loader sets each checkpoint tensor on the model itself (`core_model_loading.
+    set_param_for_module`) and treats any shape difference as a mismatch to re-initialise, without
+    calling `_load_from_state_dict`; so a 0-dim `lam` bound for a VeLU is reshaped to (1,) first.
+    transformers 4.x loads through `module.load_state_dict`, which `VeLU._load_from_state_dict`
+    already covers. Idempotent."""
+    try:
+        from transformers import core_model_loading as loading
+    except ImportError:  # transformers 4.x
+        return
+    original = getattr(loading, "set_param_for_module", None)
+    if original is None or getattr(original, "_hf_gemact", False):
+        return
+
+    def set_param_for_module(model, target_name, param_value, *args, **kwargs):
+        module_path, _, name = target_name.rpartition(".")
+        if name == "lam" and param_value.dim() == 0 and isinstance(model.get_submodule(module_path), VeLU):
+            param_value = param_value.reshape(1)
+        return original(model, target_name, param_value, *args, **kwargs)
+
+    set_param_for_module._hf_gemact = True
+    loading.set_param_for_module = set_param_for_module
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
