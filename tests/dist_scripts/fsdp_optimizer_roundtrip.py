@@ -6,14 +6,16 @@
 For each FSDP version: shard a tiny GPT-2 (FSDP1: FullyShardedDataParallel with use_orig_params
 and one unit per block, as train_scripts/configs' old fsdp_8gpu.yaml asked; FSDP2: fully_shard),
 take 2 AdamW steps, save model and optimizer with accelerate's `save_fsdp_model` /
-`save_fsdp_optimizer` and `SHARDED_STATE_DICT` (what `Accelerator.save_state` calls), load them
-into a new model and optimizer with `load_fsdp_model` / `load_fsdp_optimizer` (what `load_state`
-calls), and print how many parameters have AdamW state before saving and after loading, and the
-largest difference of `exp_avg_sq` between the two. Prints one line per version on rank 0.
+`save_fsdp_optimizer` and `SHARDED_STATE_DICT` (what `Accelerator.save_state` calls; or
+`--state_dict_type FULL_STATE_DICT`), load them into a new model and optimizer with
+`load_fsdp_model` / `load_fsdp_optimizer` (what `load_state` calls), and print how many parameters
+have AdamW state before saving and after loading, and the largest difference of `exp_avg_sq`
+between the two: one line per version (`--fsdp_versions`, default 1 2) on rank 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import shutil
@@ -59,12 +61,27 @@ def _adam_state(version: int, model, optimizer) -> dict[str, torch.Tensor]:
     return {name: s["exp_avg_sq"].clone() for name, s in osd["state"].items() if "exp_avg_sq" in s}
 
 
+class _AcceleratorView:
+    """What accelerate's FSDP checkpoint helpers read from their `accelerator` argument."""
+
+    def __init__(self, state, fsdp_version: int):
+        self._state, self.is_fsdp2 = state, fsdp_version == 2
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+
 def _new(version, activation, mesh):
     model = _shard(version, build_model(activation), mesh)
     return model, make_optimizer(model)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state_dict_type", default="SHARDED_STATE_DICT", choices=["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+    parser.add_argument("--fsdp_versions", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    args = parser.parse_args()
+
     from accelerate import PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin, broadcast_object_list
     from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
@@ -77,21 +94,22 @@ def main() -> None:
     batches = global_batches()
     # One folder for all processes: rank 0 makes it and tells the others.
     ckpt_root = Path(broadcast_object_list([tempfile.mkdtemp() if rank == 0 else None])[0])
-    for version in (1, 2):
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=version, state_dict_type="SHARDED_STATE_DICT")
+    for version in args.fsdp_versions:
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version, state_dict_type=args.state_dict_type)
         ckpt = str(ckpt_root / f"v{version}")
+        accelerator = _AcceleratorView(state, version)
         model, optimizer = _new(version, "gem", mesh)
         for step in range(2):
             training_loss(model, batches[step, rank * per_rank:(rank + 1) * per_rank]).backward()
             optimizer.step()
             optimizer.zero_grad()
         before = _adam_state(version, model, optimizer)
-        save_fsdp_model(plugin, state, model, ckpt)
-        save_fsdp_optimizer(plugin, state, optimizer, model, ckpt)
+        save_fsdp_model(plugin, accelerator, model, ckpt)
+        save_fsdp_optimizer(plugin, accelerator, optimizer, model, ckpt)
 
         model, optimizer = _new(version, "gem", mesh)
-        load_fsdp_model(plugin, state, model, ckpt)
-        load_fsdp_optimizer(plugin, state, optimizer, model, ckpt)
+        load_fsdp_model(plugin, accelerator, model, ckpt)
+        load_fsdp_optimizer(plugin, accelerator, optimizer, model, ckpt)
         after = _adam_state(version, model, optimizer)
         diff = max(((before[k] - after[k]).abs().max().item() for k in before if k in after), default=float("nan"))
         if rank == 0:
