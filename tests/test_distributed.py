@@ -131,6 +131,7 @@ def _one_process_reference(activation: str, micro_batches: int):
     return losses, model.state_dict()
 
 
+@pytest.mark.slow  # the fixture starts 2 processes (~15-30 s)
 @pytest.mark.parametrize("activation, micro_batches", [
     ("gem", 1),
     # VeLU's auxiliary term is a statistic of the batch one forward pass sees: each process
@@ -172,7 +173,7 @@ def _clm_args(corpus, out, batch: int) -> list[str]:
             "--output_dir", str(out), "--activation", "gem", "--seed", "3",
             "--config_overrides", f"n_layer=1,n_embd=32,n_head=2,n_positions=32,{NO_DROPOUT}",
             "--block_size", "32", "--vocab_size", "300", "--max_train_samples", str(TRAIN_SAMPLES),
-            "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "4",
+            "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "4", "--max_eval_samples", "8",
             "--num_train_epochs", "1", "--learning_rate", "3e-3", "--logging_steps", "1"]
 
 
@@ -194,6 +195,7 @@ def two_process_clm(corpus, tmp_path_factory):
     return out, fetched, cache
 
 
+@pytest.mark.slow  # the fixture launches run_clm.py on 2 processes (~30-60 s)
 def test_cpu_2proc_config_starts_two_processes(two_process_clm):
     out, fetched, _ = two_process_clm
     metrics = json.loads((out / "metrics.json").read_text())
@@ -201,6 +203,7 @@ def test_cpu_2proc_config_starts_two_processes(two_process_clm):
     assert sorted(p.name.split("_")[1] for p in fetched.glob("fetched_rank*.json")) == ["rank0", "rank1"]
 
 
+@pytest.mark.slow  # the fixture launches run_clm.py on 2 processes (~30-60 s)
 def test_ranks_train_on_disjoint_samples_covering_the_epoch(two_process_clm):
     _, fetched, _ = two_process_clm
     per_rank = {}
@@ -214,6 +217,7 @@ def test_ranks_train_on_disjoint_samples_covering_the_epoch(two_process_clm):
     assert set(rank0) | set(rank1) == set(range(TRAIN_SAMPLES))
 
 
+@pytest.mark.slow  # the fixture launches run_clm.py on 2 processes (~30-60 s)
 def test_two_processes_match_one_process_with_twice_the_batch(two_process_clm, corpus, tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState, GradientState
     from safetensors.torch import load_file
