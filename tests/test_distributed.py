@@ -113,6 +113,15 @@ def fsdp_run(tmp_path_factory):
     return {act: torch.load(out / f"{act}.pt") for act in ("gem", "velu")}
 
 
+@pytest.fixture
+def eager_only():
+    """The FSDP processes run the activations eager (fsdp_train.main); so does their reference."""
+    was = hf_gemact.fast_path_enabled()
+    hf_gemact.set_fast_path(False)
+    yield
+    hf_gemact.set_fast_path(was)
+
+
 def _one_process_reference(activation: str, micro_batches: int):
     """Plain model, one process, no checkpoint: each step's global batch in `micro_batches` equal
     parts, gradients accumulated (loss / parts). Returns per-step losses and final state dict."""
@@ -138,7 +147,7 @@ def _one_process_reference(activation: str, micro_batches: int):
     # computes it on its own half, so the 1-process equivalent accumulates the two halves.
     ("velu", 2),
 ])
-def test_fsdp2_two_processes_train_and_resume_like_one(fsdp_run, activation, micro_batches):
+def test_fsdp2_two_processes_train_and_resume_like_one(fsdp_run, eager_only, activation, micro_batches):
     losses, params = _one_process_reference(activation, micro_batches)
     got = fsdp_run[activation]
     assert len(got["losses"]) == fsdp_train.STEPS

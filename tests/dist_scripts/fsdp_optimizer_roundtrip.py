@@ -87,6 +87,9 @@ def main() -> None:
     from accelerate.utils.fsdp_utils import load_fsdp_model, load_fsdp_optimizer, save_fsdp_model, save_fsdp_optimizer
     from torch.distributed.device_mesh import init_device_mesh
 
+    import hf_gemact
+
+    hf_gemact.set_fast_path(False)  # no compile time; the kernels do not matter here
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes
     mesh = init_device_mesh("cpu", (world,))

@@ -33,12 +33,8 @@ WEIGHT_DECAY = 0.1
 
 def build_model(activation: str):
     """The same initial weights in every process (seeded, CPU)."""
-    import hf_gemact
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    # The test is about sharding, not the compiled kernels (tests/test_fused.py): eager keeps every
-    # process free of compile time.
-    hf_gemact.set_fast_path(False)
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(activation_function=activation, **CONFIG))
 
@@ -103,6 +99,11 @@ def main() -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
+    import hf_gemact
+
+    # Sharding is under test here, not the compiled kernels (tests/test_fused.py): eager spares
+    # every process the compile time. The test's 1-process reference runs eager too.
+    hf_gemact.set_fast_path(False)
     state = PartialState(cpu=True)  # gloo process group; stands in for the Accelerator in the helpers
     rank, world = state.process_index, state.num_processes
     assert GLOBAL_BATCH % world == 0
