@@ -3,6 +3,7 @@
 * Models holding VeLU add its auxiliary W2 terms to the `loss` they return in training mode, as
   Mixtral adds its router loss: any loop that back-propagates `outputs.loss` (Trainer, accelerate,
   PEFT, DDP, torch.compile) trains with the term, and eval-mode losses stay the task loss alone.
+* `from_pretrained` loads checkpoints written when VeLU's `lam` was a 0-dim tensor.
 * Trainer puts no weight decay on activation parameters (VeLU's `lam`), as for LayerNorm and bias.
 * PEFT adapters record the activation patch of the model they were trained on, and loading one
   onto a base that lacks that patch fails with the fix (PEFT is patched when it is imported).
@@ -117,6 +118,35 @@ def _install_aux_hook() -> None:
 
     PreTrainedModel.post_init = _mark(post_init, original)
     post_init._hf_gemact = "aux"
+
+
+# -------------------------------------------------------------------- loading VeLU's old 0-dim lam
+
+
+def _install_scalar_lam_loading() -> None:
+    """Let transformers >= 5's `from_pretrained` load checkpoints whose VeLU `lam` is 0-dim (lam
+    is (1,) now, so that FSDP can shard it).
+
+    That loader sets each checkpoint tensor on the model itself (`core_model_loading.
+    set_param_for_module`) and treats any shape difference as a mismatch to re-initialise, without
+    calling `_load_from_state_dict`; so a 0-dim `lam` bound for a VeLU is reshaped to (1,) first.
+    transformers 4.x loads through `module.load_state_dict`, which `VeLU._load_from_state_dict`
+    already covers."""
+    try:
+        from transformers import core_model_loading as loading
+    except ImportError:  # transformers 4.x
+        return
+    original = getattr(loading, "set_param_for_module", None)
+    if original is None or getattr(original, _MARK, False):
+        return
+
+    def set_param_for_module(model, target_name, param_value, *args, **kwargs):
+        module_path, _, name = target_name.rpartition(".")
+        if name == "lam" and param_value.dim() == 0 and isinstance(model.get_submodule(module_path), VeLU):
+            param_value = param_value.reshape(1)
+        return original(model, target_name, param_value, *args, **kwargs)
+
+    loading.set_param_for_module = _mark(set_param_for_module, original)
 
 
 # ------------------------------------------------------------------------------- Trainer's decay
@@ -272,5 +302,6 @@ def _after_import(name: str, patch) -> None:
 
 def install() -> None:
     _install_aux_hook()
+    _install_scalar_lam_loading()
     _after_import("transformers.trainer", _patch_trainer)
     _after_import("peft", _patch_peft)

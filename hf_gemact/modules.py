@@ -79,7 +79,8 @@ class VeLU(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise ValueError(f"dim must be an integer, got {dim!r}")
         self.dim = int(dim)
-        self.lam = nn.Parameter(torch.ones(()))
+        # Shape (1,), not (): FSDP (fully_shard and FSDP1) cannot shard a 0-dim parameter.
+        self.lam = nn.Parameter(torch.ones(1))
         # The last call's term: `pending_aux_loss` differentiable until a loss takes it over (or a
         # backward runs through it), `last_aux_loss` always detached, for logging.
         self.pending_aux_loss: torch.Tensor | None = None
@@ -90,9 +91,16 @@ class VeLU(nn.Module):
         with torch.no_grad():
             self.lam.fill_(1.0)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before lam became shape (1,) hold it as a 0-dim tensor.
+        key = prefix + "lam"
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, mean, std = F.velu(
-            x, self.lam, self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
+            x, self.lam.view(()), self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
             return_stats=True,
         )
         self._record_aux_loss(F.wasserstein_aux_loss(mean, std, self.lambda_ot))

@@ -324,8 +324,8 @@ def test_accelerate_configs_parse():
     assert configs["ddp_8gpu"].mixed_precision == "bf16"
     fsdp = configs["fsdp_8gpu"]
     assert fsdp.distributed_type == "FSDP" and fsdp.num_processes == 8
-    assert fsdp.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
-    assert configs["cpu_2proc"].distributed_type == "MULTI_CPU" and configs["cpu_2proc"].use_cpu
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert configs["cpu_2proc"].num_processes == 2 and configs["cpu_2proc"].use_cpu  # launched: test_distributed.py
 
 
 def test_documented_commands_parse():
