@@ -423,6 +423,18 @@ def test_resume_may_change_reporting_and_the_time_adds_up(finished_run, corpus, 
     assert [r["step"] for r in read_log(out) if r["split"] == "train"] == [2, 3, 4]
 
 
+def test_resuming_into_another_folder_needs_it_empty_or_overwritten(finished_run, tmp_path):
+    src, _, _ = finished_run
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    fork = ["--resume_from_checkpoint", str(src / "step_2")]
+    with pytest.raises(UsageError, match="exists and is not empty"):  # it would mix two runs' files
+        validate(build_parser("clm").parse_args(["--output_dir", str(used), *fork]), "clm")
+    args = validate(build_parser("clm").parse_args(["--output_dir", str(tmp_path / "new"), *fork]), "clm")
+    assert args.resume_path == src / "step_2"
+
+
 # ----------------------------------------------------------------------------- refusals (17.5, 17.6, 17.10)
 
 

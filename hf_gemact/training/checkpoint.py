@@ -187,9 +187,10 @@ def optimizer_state_holders(optimizer) -> list[int]:
     return [i for i, p in enumerate(params) if optimizer.state.get(p)]
 
 
-def check_optimizer_restored(optimizer, state: dict, path: Path) -> None:
-    """After load_state: every parameter that held AdamW state when the checkpoint was written holds
-    it again (accelerate can leave it empty without an error, e.g. FSDP1 with sharded state dicts)."""
+def optimizer_state_problem(optimizer, state: dict, path: Path) -> str | None:
+    """After load_state: every parameter that held AdamW state when the checkpoint was written must
+    hold it again (accelerate can leave it empty without an error, e.g. FSDP1 with sharded state
+    dicts). Returns what is wrong, or None."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     holders = set(optimizer_state_holders(optimizer))
     expected = state.get("optimizer_state_params")
@@ -197,10 +198,11 @@ def check_optimizer_restored(optimizer, state: dict, path: Path) -> None:
         missing = [] if holders or state["step"] == 0 else list(range(len(params)))
     else:
         missing = [i for i in expected if i not in holders]
-    if missing:
-        raise CheckpointError(f"{path}: the optimizer state of {len(missing)} of {len(params)} parameters "
-                              "was not restored by accelerate's load_state (resuming would restart AdamW's "
-                              "moments); check the accelerate/FSDP state-dict settings")
+    if not missing:
+        return None
+    return (f"{path}: the optimizer state of {len(missing)} of {len(params)} parameters was not restored by "
+            "accelerate's load_state (resuming would restart AdamW's moments); check the accelerate/FSDP "
+            "state-dict settings")
 
 
 # ----------------------------------------------------------------------------- saving

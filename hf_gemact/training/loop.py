@@ -228,6 +228,11 @@ def run(task: str, argv=None) -> dict:
         if accelerator.is_main_process:
             tqdm.write(message)
 
+    def on_any_process(flag: bool) -> bool:
+        """One decision for all processes (a process stopping alone would hang the others)."""
+        t = torch.tensor(float(flag), dtype=torch.float64, device=accelerator.device)
+        return bool(accelerator.reduce(t, "sum").item() > 0) if accelerator.num_processes > 1 else flag
+
     _check_precision(args, accelerator)
     resume_state = _resume_state(args, flags, accelerator, task)
     if args.resume_from_checkpoint == "latest" and resume_state is None:
@@ -279,13 +284,16 @@ def run(task: str, argv=None) -> dict:
     st = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "units": 0, "train_time_s": 0.0,
           "best": None, "last_eval": None}
     if resume_state:
+        problem = None
         try:
             accelerator.load_state(str(args.resume_path))
         except Exception as err:  # noqa: BLE001  (whatever torch/safetensors raise: one line, exit 2)
             detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise checkpoint.CheckpointError(f"{args.resume_path}: accelerate could not load it "
-                                             f"({type(err).__name__}: {detail})") from None
-        checkpoint.check_optimizer_restored(optimizer.optimizer, resume_state, args.resume_path)
+            problem = f"{args.resume_path}: accelerate could not load it ({type(err).__name__}: {detail})"
+        problem = problem or checkpoint.optimizer_state_problem(optimizer.optimizer, resume_state, args.resume_path)
+        if on_any_process(problem is not None):
+            raise checkpoint.CheckpointError(problem or f"{args.resume_path}: another process could not resume "
+                                             "from it (its message is in that process's output)")
         st.update({k: resume_state[k] for k in st if k in resume_state})
         log.truncate_after(st["step"])
     elif accelerator.is_main_process:
@@ -337,11 +345,6 @@ def run(task: str, argv=None) -> dict:
         local.zero_()
         n = max(stats[2], 1.0)
         return stats[0] / n, stats[1] / n
-
-    def on_any_process(flag: bool) -> bool:
-        """One decision for all processes (a process stopping alone would hang the others)."""
-        t = torch.tensor(float(flag), dtype=torch.float64, device=accelerator.device)
-        return bool(accelerator.reduce(t, "sum").item() > 0) if accelerator.num_processes > 1 else flag
 
     def last_good_checkpoint() -> str:
         found = checkpoint.list_checkpoints(out)
