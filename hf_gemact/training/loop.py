@@ -350,10 +350,15 @@ def run(task: str, argv=None) -> dict:
         found = checkpoint.list_checkpoints(out)
         return f"the last checkpoint, {found[-1]}, is intact" if found else "no checkpoint was written"
 
+    def diverged(message: str):
+        progress.close()
+        accelerator.end_training()
+        return TrainingDiverged(message)
+
     def stop_if_loss_diverged(step: int) -> None:
         """Before the optimizer step: a non-finite loss stops the run with that step unapplied."""
         if on_any_process(not bool(torch.isfinite(local[:2]).all())):
-            raise TrainingDiverged(
+            raise diverged(
                 f"step {step}: the training loss became non-finite (task loss {local[0].item():.4g}, auxiliary "
                 f"{local[1].item():.4g} summed since the last log line); stopped before applying the step, "
                 f"nothing of it was saved; {last_good_checkpoint()}. Lower --learning_rate or check the data")
@@ -361,7 +366,7 @@ def run(task: str, argv=None) -> dict:
     def stop_if_weights_diverged(what: str) -> None:
         bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
         if on_any_process(bad):
-            raise TrainingDiverged(f"after step {st['step']} the weights hold non-finite values, so {what} was "
+            raise diverged(f"after step {st['step']} the weights hold non-finite values, so {what} was "
                                    f"not written; {last_good_checkpoint()}. Lower --learning_rate")
 
     def save_checkpoint(name: str) -> None:
@@ -385,71 +390,66 @@ def run(task: str, argv=None) -> dict:
     train_time, tick = 0.0, time.perf_counter()
     interrupted = False
     model.train()
-    try:
-        for epoch in range(st["epoch"], num_epochs):
-            if st["step"] >= max_steps or interrupted:
-                break
-            if epoch != st["epoch"]:
-                st["epoch"], st["batches_in_epoch"] = epoch, 0
-            sampler.use_epoch(epoch)
-            if hasattr(setup.train_dataset, "use_epoch"):
-                setup.train_dataset.use_epoch(epoch)
-            skip = st["batches_in_epoch"]
-            epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            for group in _grouped(epoch_dl, accum):
-                if blend and st["step"] < args.blend_steps:
-                    hf_gemact.set_blend(accelerator.unwrap_model(model), (st["step"] + 1) / args.blend_steps)
-                for i, batch in enumerate(group):
-                    sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
-                    with sync:
-                        outputs = model(**batch)
-                        aux = hf_gemact.auxiliary_loss(model)
-                        accelerator.backward((outputs.loss + aux) / len(group))
-                    local += torch.stack([outputs.loss.detach().double(), aux.detach().double(),
-                                          torch.ones((), dtype=torch.float64, device=local.device),
-                                          torch.tensor(float(spec.units(batch)), dtype=torch.float64,
-                                                       device=local.device)])
-                stop_if_loss_diverged(st["step"] + 1)
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                st["step"] += 1
-                st["batches_in_epoch"] += len(group)
-                progress.update(1)
-                if blend and st["step"] == args.blend_steps:
-                    hf_gemact.finalize_blend(accelerator.unwrap_model(model))
-                step = st["step"]
-                now = time.perf_counter()
-                train_time += now - tick
-                if step % args.logging_steps == 0 or step == max_steps:
-                    task_loss, aux_loss = flush()
-                    rec = {"step": step, "split": "train", "loss": task_loss + aux_loss, "task_loss": task_loss,
-                           "aux_loss": aux_loss, "lr": scheduler.get_last_lr()[0],
-                           "epoch": round(step / steps_per_epoch, 4), unit: st["units"],
-                           f"{unit}_per_s": throughput()}
-                    log.write(rec)
-                    progress.set_postfix(loss=f"{rec['loss']:.4f}")
-                if args.eval_steps and step % args.eval_steps == 0:
+    for epoch in range(st["epoch"], num_epochs):
+        if st["step"] >= max_steps or interrupted:
+            break
+        if epoch != st["epoch"]:
+            st["epoch"], st["batches_in_epoch"] = epoch, 0
+        sampler.use_epoch(epoch)
+        if hasattr(setup.train_dataset, "use_epoch"):
+            setup.train_dataset.use_epoch(epoch)
+        skip = st["batches_in_epoch"]
+        epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        for group in _grouped(epoch_dl, accum):
+            if blend and st["step"] < args.blend_steps:
+                hf_gemact.set_blend(accelerator.unwrap_model(model), (st["step"] + 1) / args.blend_steps)
+            for i, batch in enumerate(group):
+                sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
+                with sync:
+                    outputs = model(**batch)
+                    aux = hf_gemact.auxiliary_loss(model)
+                    accelerator.backward((outputs.loss + aux) / len(group))
+                local += torch.stack([outputs.loss.detach().double(), aux.detach().double(),
+                                      torch.ones((), dtype=torch.float64, device=local.device),
+                                      torch.tensor(float(spec.units(batch)), dtype=torch.float64,
+                                                   device=local.device)])
+            stop_if_loss_diverged(st["step"] + 1)
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            st["step"] += 1
+            st["batches_in_epoch"] += len(group)
+            progress.update(1)
+            if blend and st["step"] == args.blend_steps:
+                hf_gemact.finalize_blend(accelerator.unwrap_model(model))
+            step = st["step"]
+            now = time.perf_counter()
+            train_time += now - tick
+            if step % args.logging_steps == 0 or step == max_steps:
+                task_loss, aux_loss = flush()
+                rec = {"step": step, "split": "train", "loss": task_loss + aux_loss, "task_loss": task_loss,
+                       "aux_loss": aux_loss, "lr": scheduler.get_last_lr()[0],
+                       "epoch": round(step / steps_per_epoch, 4), unit: st["units"],
+                       f"{unit}_per_s": throughput()}
+                log.write(rec)
+                progress.set_postfix(loss=f"{rec['loss']:.4f}")
+            if args.eval_steps and step % args.eval_steps == 0:
+                record_eval()
+            if args.checkpointing_steps not in (None, "epoch") and step % int(args.checkpointing_steps) == 0:
+                save_checkpoint(f"step_{step}")
+            if st["batches_in_epoch"] >= len(train_dl):  # the epoch ran to its end
+                if not args.eval_steps:
                     record_eval()
-                if args.checkpointing_steps not in (None, "epoch") and step % int(args.checkpointing_steps) == 0:
-                    save_checkpoint(f"step_{step}")
-                if st["batches_in_epoch"] >= len(train_dl):  # the epoch ran to its end
-                    if not args.eval_steps:
-                        record_eval()
-                    if args.checkpointing_steps == "epoch":
-                        save_checkpoint(f"epoch_{epoch}")
-                tick = time.perf_counter()
-                if step >= max_steps:
-                    break
-                if stop_at is not None and step >= stop_at:
-                    interrupted = True
-                    break
-    except TrainingDiverged:
-        progress.close()
-        accelerator.end_training()
-        raise
+                if args.checkpointing_steps == "epoch":
+                    save_checkpoint(f"epoch_{epoch}")
+            tick = time.perf_counter()
+            if step >= max_steps:
+                break
+            if stop_at is not None and step >= stop_at:
+                interrupted = True
+                break
     progress.close()
     flush()
     st["train_time_s"] += train_time
