@@ -109,6 +109,7 @@ def test_clm_end_to_end_outputs(clm_velu_run):
     assert [r["step"] for r in log if r["split"] == "eval"] == [3, 6]
     assert [r["step"] for r in log if r["split"] == "train"] == [2, 4, 6]
     assert (out / "step_3" / checkpoint.STATE_FILE).is_file() and (out / "step_6").is_dir()
+    assert checkpoint.STATE_FILE != "trainer_state.json" and not list(out.rglob("trainer_state.json"))
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert list(out.rglob("events.out.tfevents.*"))  # --with_tracking --report_to tensorboard
@@ -140,6 +141,8 @@ def test_resume_is_exact(corpus, tmp_path):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    # Written before the state file had its own name: the old name still resumes, exactly.
+    os.rename(part / "step_4" / checkpoint.STATE_FILE, part / "step_4" / "trainer_state.json")
     resumed = run("clm", text_args(corpus, part, *common, "--resume_from_checkpoint", "latest"))
     assert resumed["resumed_from"].endswith("step_4")
     assert resumed["final"] == full["final"] and resumed["best"] == full["best"]
@@ -292,16 +295,19 @@ def test_script_prints_the_message_and_exits_2(tmp_path):
 
 
 def test_latest_never_picks_an_incomplete_checkpoint(tmp_path):
-    for step in (2, 4):
-        (tmp_path / f"step_{step}").mkdir()
-        (tmp_path / f"step_{step}" / checkpoint.STATE_FILE).write_text(json.dumps({"step": step}))
-    (tmp_path / "step_6").mkdir()  # killed before trainer_state.json was written
+    # Training positions: epoch_0 ends at step 3, epoch_1 at step 6; by name alone step_5 or epoch_1
+    # would come first or last depending on how names sort, by position the order is fixed.
+    for name, step in (("step_2", 2), ("epoch_0", 3), ("step_4", 4), ("step_5", 5), ("epoch_1", 6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint.STATE_FILE).write_text(json.dumps({"step": step}))
+    (tmp_path / "step_7").mkdir()  # killed before the state file was written
     (tmp_path / ".tmp-step_8").mkdir()  # killed during save_state
     (tmp_path / ".tmp-step_8" / "model.safetensors").write_bytes(b"partial")
-    assert checkpoint.resolve("latest", tmp_path) == tmp_path / "step_4"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_2", "epoch_0", "step_4", "step_5",
+                                                                       "epoch_1"]
     assert checkpoint.resolve("latest", tmp_path / "empty") is None
     with pytest.raises(UsageError, match="not a checkpoint"):
-        checkpoint.resolve(str(tmp_path / "step_6"), tmp_path)
+        checkpoint.resolve(str(tmp_path / "step_7"), tmp_path)
     with pytest.raises(UsageError, match="no such folder"):
         checkpoint.resolve(str(tmp_path / "step_99"), tmp_path)
 
