@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _registry.install()
 
 from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend  # noqa: E402
+from .stats import activation_stats, plot_activation_stats  # noqa: E402  (matplotlib only when plotting)
 from . import integration as _integration  # noqa: E402
 
 _integration.install()
@@ -35,6 +36,7 @@ __all__ = [
     "grammar_help", "is_activation_name", "make_activation", "parse_activation",
 ]
 __all__ += ["BlendCallback", "patch_activations", "restore_activations", "set_blend", "finalize_blend", "activation_drift"]
+__all__ += ["activation_stats", "plot_activation_stats"]
 
 
 def __getattr__(name):

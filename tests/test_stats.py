@@ -1,0 +1,421 @@
+"""Activation statistics (issue 13, item 3) and the bounded-memory recorder behind them.
+
+Every statistic is checked against the full tensors collected by hooks of the test's own, computed
+in float64 here: exact and near-zero counts, dead units, mean/std/min/max, quantiles within the
+documented accuracy, per-unit means. The reservoir is checked for uniformity on a known stream and
+for memory that does not grow with the number of batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import hf_gemact
+from hf_gemact.stats import ActivationRecorder, activation_stats, format_activation_stats, plot_activation_stats
+from hf_gemact.surgery import NoActivationError, find_sites
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+QUANTILE_KEYS = ("0.01", "0.05", "0.25", "0.5", "0.75", "0.95", "0.99")
+# docs/SURGERY.md: a quantile is within 0.58 % (relative) of the exact order statistic, or within
+# 1e-6 absolute when that statistic is below 1e-6 in magnitude.
+QUANTILE_REL, QUANTILE_ABS = 0.0058, 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_activations():
+    """The statistics do not depend on the kernel; skip the compile of the fast path."""
+    was = hf_gemact.fast_path_enabled()
+    hf_gemact.set_fast_path(False)
+    yield
+    hf_gemact.set_fast_path(was)
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def tiny_gpt2(act: str, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=97, activation_function=act,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_bert(act: str, seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=97, max_position_embeddings=32, hidden_act=act)
+    return BertModel(config)
+
+
+def text_batches(n: int, seed: int = 1, batch: int = 3, length: int = 12, pad: bool = True) -> list[dict]:
+    """Token batches; with pad=True the second row ends in padding (attention_mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 97, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        if pad:
+            mask[1, length // 2:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def collect(model, batches, paths):
+    """Run the model with hooks of the test's own; per path the (input, output) values of every
+    non-padding position as float64 (positions, units)."""
+    modules = dict(model.named_modules())
+    seen = {p: ([], []) for p in paths}
+    state = {}
+
+    def hook_for(path):
+        def hook(module, args, output):
+            x, y = args[0].detach(), output.detach()
+            keep = state["mask"].bool()
+            seen[path][0].append(x[keep].double())
+            seen[path][1].append(y[keep].double())
+        return hook
+
+    handles = [modules[p].register_forward_hook(hook_for(p)) for p in paths]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                state["mask"] = b.get("attention_mask", torch.ones(b["input_ids"].shape))
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: (torch.cat(xs), torch.cat(ys)) for p, (xs, ys) in seen.items()}
+
+
+def lower_quantile(values: torch.Tensor, q: float) -> float:
+    ordered = values.flatten().sort().values
+    return float(ordered[math.floor(q * (len(ordered) - 1))])
+
+
+def mlp_paths(model):
+    return [s.path for s in find_sites(model) if s.role == "mlp"]
+
+
+# ------------------------------------------------------------------------------ counts and moments
+
+
+@pytest.mark.parametrize("family,act", [("gpt2", "relu"), ("gpt2", "gem"), ("bert", "velu"), ("gpt2", "egem_n1_eps1e-2")])
+def test_statistics_match_full_tensors(family, act):
+    model = tiny_gpt2(act) if family == "gpt2" else tiny_bert(act)
+    batches = text_batches(4)
+    tau = 1e-3
+    stats = activation_stats(model, batches, near_zero=tau)
+    paths = mlp_paths(model)
+    assert list(stats) == paths
+    full = collect(model, batches, paths)
+    for path in paths:
+        x, y = full[path]
+        r = stats[path]
+        assert r["n_units"] == x.shape[1]
+        assert r["n_values"] == y.numel()
+        assert r["n_zero"] == int((y == 0).sum())
+        assert r["zero_fraction"] == pytest.approx(int((y == 0).sum()) / y.numel(), abs=0)
+        assert r["n_near_zero"] == int((y.abs() <= tau).sum())
+        assert r["near_zero_fraction"] == int((y.abs() <= tau).sum()) / y.numel()
+        assert r["near_zero_threshold"] == tau
+        never = ((y.abs() > tau).sum(0) == 0).nonzero().flatten().tolist()
+        assert r["dead_units"] == never and r["n_dead_units"] == len(never)
+        inp = r["input"]
+        assert inp["n"] == x.numel()
+        assert inp["mean"] == pytest.approx(float(x.mean()), rel=1e-9, abs=1e-12)
+        assert inp["std"] == pytest.approx(float(x.std(unbiased=False)), rel=1e-9)
+        assert inp["min"] == float(x.min()) and inp["max"] == float(x.max())
+        for key in QUANTILE_KEYS:
+            exact = lower_quantile(x, float(key))
+            got = inp["quantiles"][key]
+            assert abs(got - exact) <= QUANTILE_REL * abs(exact) + QUANTILE_ABS, (path, key, got, exact)
+    if act == "relu":  # the case has to exercise the counts: relu gives exact zeros
+        assert all(0.2 < stats[p]["zero_fraction"] < 0.8 for p in paths)
+    if act == "velu":  # smooth and signed: no exact zeros but some near-zeros
+        assert all(stats[p]["zero_fraction"] == 0 for p in paths)
+
+
+def test_near_zero_threshold_is_exact_at_float32_boundaries():
+    """Outputs equal to tau count as near-zero, the next float32 above does not (the recorder
+    compares in float32 without rounding tau up)."""
+    tau = 1e-3
+    below = torch.tensor(tau, dtype=torch.float32)
+    if float(below) > tau:
+        below = torch.nextafter(below, torch.tensor(0.0))
+    above = torch.nextafter(below, torch.tensor(1.0))
+    values = torch.stack([below, above, -below, -above, torch.tensor(0.0)]).reshape(1, 1, 5)
+    from transformers.activations import LinearActivation
+
+    model = Toy(units=5, act=LinearActivation())  # output = input
+    recorder = ActivationRecorder(model, sample_size=0, near_zero=tau)
+    recorder.run([{"x": values}])
+    record = recorder.to_dict()[model.path]
+    assert record["n_near_zero"] == 3 and record["n_zero"] == 1
+    assert record["dead_units"] == [0, 2, 4]
+
+
+def test_dead_units_found_where_the_bias_kills_them():
+    model = tiny_gpt2("relu")
+    dead = {0: [3, 17, 100], 1: [5, 64]}
+    with torch.no_grad():
+        for block, units in dead.items():
+            model.transformer.h[block].mlp.c_fc.bias[units] = -1e4
+    stats = activation_stats(model, text_batches(4))
+    for block, units in dead.items():
+        record = stats[f"transformer.h.{block}.mlp.act"]
+        assert record["dead_units"] == units
+        assert record["n_units"] == 128
+
+
+def test_attention_mask_padding_is_left_out():
+    """Padding rows carry no token: a unit that fires only there is still dead."""
+    model = tiny_gpt2("relu")
+    batches = text_batches(2)
+    with_pad = activation_stats(model, batches)
+    no_mask = activation_stats(model, [{"input_ids": b["input_ids"]} for b in batches])
+    path = mlp_paths(model)[0]
+    real_positions = sum(int(b["attention_mask"].sum()) for b in batches)
+    all_positions = sum(b["input_ids"].numel() for b in batches)
+    assert with_pad[path]["n_values"] == real_positions * 128
+    assert no_mask[path]["n_values"] == all_positions * 128
+
+
+# ---------------------------------------------------------------------------------- unit means
+
+
+def test_per_unit_means_of_the_input_and_of_registered_functions():
+    model = tiny_gpt2("gem")
+    batches = text_batches(3)
+    recorder = ActivationRecorder(model, sample_size=0)
+    recorder.add_unit_mean("square", lambda site, x: x * x)
+    recorder.add_unit_mean("gem_minus_relu", lambda site, x: site.module(x) - torch.relu(x))
+    recorder.run(batches)
+    full = collect(model, batches, list(recorder))
+    for path, (x, y) in full.items():
+        site = recorder[path]
+        torch.testing.assert_close(site.unit_mean(), x.mean(0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(site.unit_mean("square"), (x * x).mean(0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(site.unit_mean("gem_minus_relu"), (y - x.clamp_min(0)).mean(0), rtol=1e-5, atol=1e-8)
+    with pytest.raises(KeyError, match="no per-unit mean 'nope'"):
+        recorder[path].unit_mean("nope")
+
+
+def test_unit_mean_function_of_wrong_shape_is_refused_and_hooks_are_gone():
+    model = tiny_gpt2("relu")
+    recorder = ActivationRecorder(model, sample_size=0)
+    recorder.add_unit_mean("bad", lambda site, x: x.mean(0))
+    with pytest.raises(ValueError, match="must return a tensor shaped like its input"):
+        recorder.run(text_batches(1))
+    assert all(not s.module._forward_hooks for s in find_sites(model))
+
+
+# ------------------------------------------------------------------------------------- reservoir
+
+
+class Toy(nn.Module):
+    """One block whose MLP activation sees exactly the tensor passed as `x`."""
+
+    path = "blocks.0.mlp.act"
+
+    def __init__(self, units: int = 8, act: nn.Module | None = None):
+        super().__init__()
+        block = nn.Module()
+        block.mlp = nn.Module()
+        block.mlp.act = act if act is not None else nn.ReLU()
+        self.blocks = nn.ModuleList([block])
+        self.units = units
+
+    def forward(self, x):
+        return self.blocks[0].mlp.act(x)
+
+
+def stream_batches(n_items: int, batch_items: int, units: int = 8):
+    """The values 0, 1, ..., n_items-1 in order, as (1, rows, units) batches."""
+    values = torch.arange(n_items, dtype=torch.float32)
+    return [{"x": values[i:i + batch_items].reshape(1, -1, units)} for i in range(0, n_items, batch_items)]
+
+
+def chi_square_uniform(items: torch.Tensor, n_items: int, bins: int) -> float:
+    counts = torch.bincount((items.long() * bins) // n_items, minlength=bins).double()
+    expected = counts.sum() / bins
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_reservoir_is_a_uniform_sample_without_replacement():
+    n_items, capacity, bins = 24000, 1000, 20
+    # batches of 296 values: the reservoir fills in the middle of a batch
+    batches = stream_batches(n_items, 296)
+    pooled = []
+    for seed in range(10):
+        recorder = ActivationRecorder(Toy(), sample_size=capacity, seed=seed)
+        recorder.run(batches)
+        sample = recorder[Toy.path].sample()
+        assert sample.numel() == capacity
+        assert len(set(sample.tolist())) == capacity  # without replacement
+        assert float(sample.min()) >= 0 and float(sample.max()) < n_items
+        # each value keeps its own row's mean square (rows are 8 consecutive integers)
+        row_start = (sample // 8) * 8
+        expected_ms = torch.stack([row_start + k for k in range(8)]).double().square().mean(0)
+        torch.testing.assert_close(recorder[Toy.path].sample_row_mean_square().double(), expected_ms, rtol=1e-6, atol=0)
+        pooled.append(sample)
+    # 19 degrees of freedom: P(chi2 > 43.8) = 0.001 under uniformity; fixed seeds, so not flaky
+    assert chi_square_uniform(pooled[0], n_items, bins) < 43.8
+    assert chi_square_uniform(torch.cat(pooled), n_items, bins) < 43.8
+    # and the stream's end is not over-represented (the classic bug of replacing too often)
+    last_tenth = (torch.cat(pooled) >= 0.9 * n_items).double().mean().item()
+    assert abs(last_tenth - 0.1) < 0.015
+
+
+def test_reservoir_is_reproducible_and_seeded():
+    batches = stream_batches(8000, 400)
+    a = ActivationRecorder(Toy(), sample_size=500, seed=3).run(batches)[Toy.path].sample()
+    b = ActivationRecorder(Toy(), sample_size=500, seed=3).run(batches)[Toy.path].sample()
+    c = ActivationRecorder(Toy(), sample_size=500, seed=4).run(batches)[Toy.path].sample()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_reservoir_keeps_everything_while_below_capacity():
+    recorder = ActivationRecorder(Toy(), sample_size=1000).run(stream_batches(400, 80))
+    assert recorder[Toy.path].sample().tolist() == list(range(400))
+
+
+def _stored_size(obj, seen=None) -> int:
+    """Tensor elements plus container lengths reachable from obj (the model is not counted)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (nn.Module, torch.Generator)):
+        return 0
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return obj.numel()
+    if isinstance(obj, dict):
+        return len(obj) + sum(_stored_size(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return len(obj) + sum(_stored_size(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("hf_gemact"):
+        return _stored_size(vars(obj), seen)
+    return 0
+
+
+def test_recorder_memory_does_not_grow_with_the_number_of_batches():
+    model = tiny_gpt2("gem")
+    recorder = ActivationRecorder(model)  # 65536 sampled values per site
+    recorder.add_unit_mean("square", lambda site, x: x * x)
+    recorder.run(text_batches(10, seed=5))
+    after_10 = _stored_size(recorder)
+    site = recorder[mlp_paths(model)[0]]
+    assert site.sample().numel() == 38400  # 10 batches x 30 real positions x 128 units: filling
+    recorder.run(text_batches(90, seed=6))
+    assert recorder.n_batches == 100
+    assert site.sample().numel() == 65536 and site.reservoir.seen == 384000  # full, replacing
+    assert _stored_size(recorder) == after_10
+
+
+# ------------------------------------------------------------------------- hooks, modes, errors
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_hooks_removed_and_modes_restored_also_when_the_model_raises(start_training):
+    model = tiny_gpt2("relu")
+    model.train(start_training)
+    model.transformer.h[1].attn.eval()  # a mixed state must come back as it was
+    modes = {name: m.training for name, m in model.named_modules()}
+    seen_modes = []
+
+    def spy(module, args):
+        seen_modes.append(module.training)
+
+    model.transformer.h[0].register_forward_pre_hook(spy)
+    activation_stats(model, text_batches(2))
+    assert seen_modes and not any(seen_modes)  # ran in eval mode
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(not s.module._forward_hooks for s in find_sites(model))
+
+    def explode(module, args):
+        raise Boom("in the middle of the forward")
+
+    handle = model.transformer.h[1].register_forward_pre_hook(explode)
+    with pytest.raises(Boom):
+        activation_stats(model, text_batches(2))
+    handle.remove()
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(not s.module._forward_hooks for s in find_sites(model))
+    with pytest.raises(TypeError, match="dict of model inputs"):
+        activation_stats(model, [torch.zeros(2, 3)])
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(not s.module._forward_hooks for s in find_sites(model))
+
+
+def test_max_batches_stops_without_consuming_more():
+    taken = []
+
+    def gen():
+        for b in text_batches(5):
+            taken.append(1)
+            yield b
+
+    model = tiny_gpt2("relu")
+    stats = activation_stats(model, gen(), max_batches=2)
+    assert len(taken) == 2
+    assert stats[mlp_paths(model)[0]]["n_values"] == sum(int(b["attention_mask"].sum()) for b in text_batches(2)) * 128
+
+
+def test_bad_arguments_are_refused_with_the_fix():
+    model = tiny_gpt2("relu")
+    with pytest.raises(ValueError, match="yielded no batch"):
+        activation_stats(model, [])
+    with pytest.raises(ValueError, match="near_zero must be a finite number >= 0"):
+        activation_stats(model, text_batches(1), near_zero=-1)
+    with pytest.raises(ValueError, match="sites must be 'mlp', 'all'"):
+        activation_stats(model, text_batches(1), sites="heads")
+    with pytest.raises(ValueError, match="unknown activation site"):
+        activation_stats(model, text_batches(1), sites=["transformer.h.9.mlp.act"])
+    with pytest.raises(ValueError, match="max_batches must be an integer >= 1"):
+        activation_stats(model, text_batches(1), max_batches=0)
+    with pytest.raises(NoActivationError, match="no MLP activation site"):
+        activation_stats(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), [{"input": torch.zeros(1, 2)}])
+
+
+def test_sites_all_records_heads_too():
+    model = tiny_bert("gelu")  # BertModel: 2 intermediate activations and the pooler's Tanh
+    stats = activation_stats(model, text_batches(2), sites="all")
+    roles = {r["role"] for r in stats.values()}
+    assert roles == {"mlp", "head"}
+    pooler = next(r for r in stats.values() if r["role"] == "head")
+    assert pooler["module"] == "Tanh" and pooler["n_units"] == 32
+
+
+# --------------------------------------------------------------------------------- JSON and plot
+
+
+def test_json_round_trip_text_table_and_plot(tmp_path):
+    model = tiny_gpt2("relu")
+    stats = activation_stats(model, text_batches(2))
+    assert json.loads(json.dumps(stats)) == stats
+    table = format_activation_stats(stats)
+    for path in stats:
+        assert path in table
+    out = plot_activation_stats(stats, tmp_path / "stats.png", title="tiny gpt2 relu")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, hf_gemact; hf_gemact.activation_stats; print('matplotlib' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
