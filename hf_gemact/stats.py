@@ -45,15 +45,15 @@ DEFAULT_SAMPLE_SIZE = 65536
 # central bin for |x| < 1e-6 and one overflow bin per sign for |x| >= 1e6.
 HIST_LOW, HIST_HIGH, BINS_PER_DECADE = 1e-6, 1e6, 200
 # A quantile read from a bin is the bin's geometric centre, so it is within this relative error of
-# the exact order statistic (absolute error < HIST_LOW in the central bin).
+# the exact order statistic (absolute error < HIST_LOW in the central bin). Bins are assigned with a
+# float32 log10, which can move a value across an edge by about 1e-6 relatively: negligible here.
 QUANTILE_RELATIVE_ERROR = 10 ** (1 / (2 * BINS_PER_DECADE)) - 1  # 0.578 %
+_LOG_LOW = math.log10(HIST_LOW)
+_N_EDGES = round(math.log10(HIST_HIGH / HIST_LOW)) * BINS_PER_DECADE + 1
 
 
-def _edges() -> torch.Tensor:
-    decades = round(math.log10(HIST_HIGH / HIST_LOW))
-    exponents = torch.linspace(math.log10(HIST_LOW), math.log10(HIST_HIGH), decades * BINS_PER_DECADE + 1,
-                               dtype=torch.float64)
-    return (10.0 ** exponents).float()
+def _edge(i: int) -> float:
+    return 10.0 ** (_LOG_LOW + i / BINS_PER_DECADE)
 
 
 # --------------------------------------------------------------------------------- accumulators
@@ -66,21 +66,22 @@ class _Moments:
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
         self.min, self.max = math.inf, -math.inf
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """x: finite values; lo, hi: their min and max."""
         m = x.numel()
         if m == 0:
             return
-        x64 = x.double()
-        mean_b = x64.mean()
-        m2_b = (x64 - mean_b).square().sum().item()
-        mean_b = mean_b.item()
+        mean_b = x.sum(dtype=torch.float64).item() / m
+        # squares about a float32 centre c, then shifted to the mean: sum (x-mean)^2 = S - m (mean-c)^2
+        centre = float(torch.tensor(mean_b, dtype=x.dtype))
+        m2_b = (x - centre).square().sum(dtype=torch.float64).item() - m * (mean_b - centre) ** 2
         n = self.n + m
         delta = mean_b - self.mean
         self.mean += delta * m / n
         self.m2 += m2_b + delta * delta * self.n * m / n
         self.n = n
-        self.min = min(self.min, x.min().item())
-        self.max = max(self.max, x.max().item())
+        self.min = min(self.min, lo.item())
+        self.max = max(self.max, hi.item())
 
     @property
     def std(self) -> float:
@@ -91,14 +92,16 @@ class _LogHistogram:
     """Signed log-spaced histogram of values (see HIST_*): quantiles to QUANTILE_RELATIVE_ERROR."""
 
     def __init__(self):
-        self.edges = _edges()
-        self.n_edges = len(self.edges)
+        self.n_edges = _N_EDGES
         self.counts = torch.zeros(2 * self.n_edges + 1, dtype=torch.int64)
 
     def update(self, x: torch.Tensor) -> None:
-        if self.edges.device != x.device:
-            self.edges, self.counts = self.edges.to(x.device), self.counts.to(x.device)
-        magnitude = torch.bucketize(x.abs(), self.edges, right=True)  # 0: |x| < low, n_edges: >= high
+        """x: finite float32 values. Magnitude bin i in 1..n_edges-1 holds [edge(i-1), edge(i)),
+        bin 0 holds |x| < HIST_LOW (zeros included), bin n_edges holds |x| >= HIST_HIGH."""
+        if self.counts.device != x.device:
+            self.counts = self.counts.to(x.device)
+        position = (x.abs().log10() - _LOG_LOW) * BINS_PER_DECADE  # log10(0) = -inf lands in bin 0
+        magnitude = position.floor_().clamp_(-1, self.n_edges - 1).long() + 1
         signed = torch.where(x < 0, self.n_edges - magnitude, self.n_edges + magnitude)
         self.counts += torch.bincount(signed, minlength=len(self.counts))
 
@@ -109,7 +112,6 @@ class _LogHistogram:
         if n == 0:
             return {q: None for q in qs}
         cumulative = counts.cumsum(0)
-        edges = self.edges.cpu().double()
         out = {}
         for q in qs:
             index = math.floor(q * (n - 1))
@@ -119,9 +121,9 @@ class _LogHistogram:
             if magnitude == 0:
                 value = 0.0
             elif magnitude == self.n_edges:
-                value = float(edges[-1])
+                value = HIST_HIGH
             else:
-                value = math.sqrt(float(edges[magnitude - 1]) * float(edges[magnitude]))
+                value = math.sqrt(_edge(magnitude - 1) * _edge(magnitude))
             value = math.copysign(value, offset) if offset else value
             out[q] = min(max(value, lo), hi)
         return out
@@ -195,7 +197,7 @@ class SiteRecord:
         self.reservoir = _Reservoir(sample_size, seed)
         self.n_nonfinite_input = 0
         self.n_values = 0  # output values counted (non-padding positions x units)
-        self.n_nonfinite_output = 0
+        self.n_nan_output = 0
         self.n_zero = 0
         self.n_near_zero = 0
         self.fired = None  # int64 (n_units,)
@@ -224,17 +226,20 @@ class SiteRecord:
 
     def _observe_input(self, rows: torch.Tensor) -> None:
         values = rows.float().flatten()
-        finite = torch.isfinite(values)
-        n_finite = int(finite.sum())
-        if n_finite != values.numel():
-            self.n_nonfinite_input += values.numel() - n_finite
+        if values.numel() == 0:
+            return
+        lo, hi = torch.aminmax(values)  # NaN or inf anywhere shows in them: no isfinite pass needed
+        rows_of = None
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            finite = torch.isfinite(values)
+            self.n_nonfinite_input += values.numel() - int(finite.sum())
             values = values[finite]
             rows_of = finite.nonzero().flatten() // rows.shape[-1]
-        else:
-            rows_of = None
-        self.input.update(values)
-        if values.numel():
-            self.histogram.update(values)
+            if values.numel() == 0:
+                return
+            lo, hi = torch.aminmax(values)
+        self.input.update(values, lo, hi)
+        self.histogram.update(values)
         if self.reservoir.capacity:
             row_ms = rows.float().square().mean(-1)
             units = rows.shape[-1]
@@ -247,13 +252,15 @@ class SiteRecord:
 
     def _observe_output(self, rows: torch.Tensor) -> None:
         y = rows.float()
-        self.n_values += y.numel()
-        self.n_nonfinite_output += int((~torch.isfinite(y)).sum())
-        self.n_zero += int((y == 0).sum())
         magnitude = y.abs()
         tau = self._tau32.to(y.device)
-        self.n_near_zero += int((magnitude <= tau).sum())
-        self.fired += (magnitude > tau).sum(0)
+        near = int((magnitude <= tau).sum())
+        fired = (magnitude > tau).sum(0)
+        self.n_values += y.numel()
+        self.n_zero += int((y == 0).sum())
+        self.n_near_zero += near
+        self.n_nan_output += y.numel() - near - int(fired.sum())  # NaN is neither <= tau nor > tau
+        self.fired += fired
 
     def _observe_units(self, rows: torch.Tensor) -> None:
         self.positions += rows.shape[0]
@@ -317,7 +324,7 @@ class SiteRecord:
             "near_zero_threshold": self.near_zero,
             "dead_units": dead,
             "n_dead_units": len(dead),
-            "n_nonfinite_output": self.n_nonfinite_output,
+            "n_nan_output": self.n_nan_output,
             "input": {
                 "n": moments.n,
                 "n_nonfinite": self.n_nonfinite_input,
@@ -557,49 +564,24 @@ def _num(value) -> str:
 
 
 def plot_activation_stats(stats: dict, path, title: str | None = None):
-    """PNG with one row per site: bars of the zero and near-zero fractions of the output (left) and
-    the input's quantile ranges (right: 1-99 % whisker, 5-95 % thin bar, 25-75 % box, median)."""
+    """PNG with one row per site: the zero and near-zero fractions of the output, labelled, with
+    the dead units (left), and the input's quantiles (right: 1-99 % line, 5-95 % bar, 25-75 % box,
+    median tick, mean dot)."""
     from pathlib import Path
 
     from .plotting import _pyplot
 
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     records = [r for r in stats.values() if r["n_values"]]
     if not records:
         raise ValueError("plot_activation_stats: no site was called, nothing to plot")
-    labels = [r.get("key") or r["path"] for r in records]
     ys = list(range(len(records)))
-    height = max(2.8, 0.38 * len(records) + 1.6)
-    fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(12, height), sharey=True,
-                                     gridspec_kw={"width_ratios": [1, 1.3]})
-    tau = records[0]["near_zero_threshold"]
-    near = [r["near_zero_fraction"] for r in records]
-    zero = [r["zero_fraction"] for r in records]
-    ax_s.barh([y - 0.2 for y in ys], zero, height=0.38, color="tab:blue", label="exact zero")
-    ax_s.barh([y + 0.2 for y in ys], near, height=0.38, color="tab:orange", label=f"|y| <= {tau:g}")
-    for y, r in zip(ys, records):
-        if r["n_dead_units"]:
-            ax_s.text(1.0, y, f" {r['n_dead_units']} dead", va="center", ha="right", fontsize=8)
-    ax_s.set_xlim(0, 1)
-    ax_s.set_xlabel("fraction of output values")
-    ax_s.set_title("output sparsity")
-    ax_s.set_yticks(ys)
-    ax_s.set_yticklabels(labels, fontsize=8)
-    ax_s.invert_yaxis()
-    ax_s.legend(loc="lower right", fontsize=8)
-    ax_s.grid(axis="x", alpha=0.3)
-    for y, r in zip(ys, records):
-        q = r["input"]["quantiles"]
-        ax_q.plot([q["0.01"], q["0.99"]], [y, y], color="0.4", linewidth=1)
-        ax_q.plot([q["0.05"], q["0.95"]], [y, y], color="tab:green", linewidth=4, solid_capstyle="butt")
-        ax_q.plot([q["0.25"], q["0.75"]], [y, y], color="tab:green", linewidth=10, solid_capstyle="butt",
-                  alpha=0.6)
-        ax_q.plot([q["0.5"]], [y], marker="|", color="black", markersize=12)
-        ax_q.plot([r["input"]["mean"]], [y], marker="o", color="tab:red", markersize=4)
-    ax_q.axvline(0, color="0.7", linewidth=0.8)
-    ax_q.set_xlabel("activation input x (line 1-99 %, bar 5-95 %, box 25-75 %, | median, o mean)")
-    ax_q.set_title("input range")
-    ax_q.grid(axis="x", alpha=0.3)
+    fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(13, max(3.2, 0.42 * len(records) + 1.8)), sharey=True,
+                                     gridspec_kw={"width_ratios": [1, 1.25]})
+    _sparsity_panel(ax_s, records, ys)
+    _input_panel(ax_q, records, ys, Line2D)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -608,6 +590,50 @@ def plot_activation_stats(stats: dict, path, title: str | None = None):
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _sparsity_panel(ax, records, ys) -> None:
+    tau = records[0]["near_zero_threshold"]
+    for offset, field, color, label in ((-0.2, "zero_fraction", "tab:blue", "exact zero"),
+                                        (0.2, "near_zero_fraction", "tab:orange", f"|y| <= {tau:g}")):
+        values = [r[field] for r in records]
+        ax.barh([y + offset for y in ys], values, height=0.38, color=color, label=label)
+        for y, v in zip(ys, values):
+            ax.text(min(v, 0.8) + 0.01, y + offset, f"{v:.1%}" if v >= 0.01 else f"{v:.2%}", va="center",
+                    fontsize=7)
+    for y, r in zip(ys, records):
+        ax.text(0.99, y, f"dead {r['n_dead_units']}/{r['n_units']}", va="center", ha="right", fontsize=7,
+                color="tab:red" if r["n_dead_units"] else "0.45")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of output values")
+    ax.set_title("output sparsity")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r.get("key") or r["path"] for r in records], fontsize=8)
+    ax.invert_yaxis()
+    ax.legend(loc="lower center", fontsize=8, ncol=2, bbox_to_anchor=(0.5, 1.06), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _input_panel(ax, records, ys, Line2D) -> None:
+    for y, r in zip(ys, records):
+        q = r["input"]["quantiles"]
+        if q.get("0.5") is None:
+            continue
+        ax.plot([q["0.01"], q["0.99"]], [y, y], color="0.35", linewidth=1)
+        ax.plot([q["0.05"], q["0.95"]], [y, y], color="tab:green", linewidth=4, solid_capstyle="butt")
+        ax.plot([q["0.25"], q["0.75"]], [y, y], color="tab:green", alpha=0.55, linewidth=11, solid_capstyle="butt")
+        ax.plot([q["0.5"]], [y], marker="|", color="black", markersize=13, markeredgewidth=2)
+        ax.plot([r["input"]["mean"]], [y], marker="o", color="tab:red", markersize=4, linestyle="none")
+    ax.axvline(0, color="0.6", linewidth=0.8)
+    ax.set_xlabel("activation input x")
+    ax.set_title("input quantiles")
+    ax.grid(axis="x", alpha=0.3)
+    handles = [Line2D([], [], color="0.35", linewidth=1, label="1-99 %"),
+               Line2D([], [], color="tab:green", linewidth=4, label="5-95 %"),
+               Line2D([], [], color="tab:green", alpha=0.55, linewidth=9, label="25-75 %"),
+               Line2D([], [], color="black", marker="|", markersize=10, linestyle="none", label="median"),
+               Line2D([], [], color="tab:red", marker="o", markersize=4, linestyle="none", label="mean")]
+    ax.legend(handles=handles, loc="lower center", fontsize=8, ncol=5, bbox_to_anchor=(0.5, 1.06), frameon=False)
 
 
 __all__ = ["ActivationRecorder", "NEAR_ZERO", "QUANTILES", "QUANTILE_RELATIVE_ERROR", "SiteRecord",

@@ -156,12 +156,31 @@ def test_near_zero_threshold_is_exact_at_float32_boundaries():
     values = torch.stack([below, above, -below, -above, torch.tensor(0.0)]).reshape(1, 1, 5)
     from transformers.activations import LinearActivation
 
-    model = Toy(units=5, act=LinearActivation())  # output = input
+    model = Toy(act=LinearActivation())  # output = input
     recorder = ActivationRecorder(model, sample_size=0, near_zero=tau)
     recorder.run([{"x": values}])
     record = recorder.to_dict()[model.path]
     assert record["n_near_zero"] == 3 and record["n_zero"] == 1
     assert record["dead_units"] == [0, 2, 4]
+
+
+def test_non_finite_inputs_are_counted_and_kept_out_of_the_statistics():
+    from transformers.activations import LinearActivation
+
+    x = torch.tensor([[1.0, float("nan"), -2.0, 4.0], [float("inf"), 0.5, -float("inf"), 3.0]]).reshape(1, 2, 4)
+    recorder = ActivationRecorder(Toy(act=LinearActivation()), sample_size=16)
+    record = recorder.run([{"x": x}])[Toy.path]
+    out = recorder.to_dict()[Toy.path]
+    finite = torch.tensor([1.0, -2.0, 4.0, 0.5, 3.0], dtype=torch.float64)
+    assert out["input"]["n"] == 5 and out["input"]["n_nonfinite"] == 3
+    assert out["input"]["mean"] == pytest.approx(float(finite.mean()))
+    assert out["input"]["std"] == pytest.approx(float(finite.std(unbiased=False)))
+    assert (out["input"]["min"], out["input"]["max"]) == (-2.0, 4.0)
+    assert out["n_nan_output"] == 1  # the NaN passes through; inf counts as fired
+    assert sorted(record.sample().tolist()) == sorted(finite.tolist())
+    # each sampled value keeps the mean square of its own row, non-finite members included
+    for value, ms in zip(record.sample().tolist(), record.sample_row_mean_square().tolist()):
+        assert math.isnan(ms) if value in (1.0, -2.0, 4.0) else ms == math.inf
 
 
 def test_dead_units_found_where_the_bias_kills_them():
@@ -227,13 +246,12 @@ class Toy(nn.Module):
 
     path = "blocks.0.mlp.act"
 
-    def __init__(self, units: int = 8, act: nn.Module | None = None):
+    def __init__(self, act: nn.Module | None = None):
         super().__init__()
         block = nn.Module()
         block.mlp = nn.Module()
         block.mlp.act = act if act is not None else nn.ReLU()
         self.blocks = nn.ModuleList([block])
-        self.units = units
 
     def forward(self, x):
         return self.blocks[0].mlp.act(x)
