@@ -196,6 +196,13 @@ def test_dead_units_found_where_the_bias_kills_them():
         assert record["n_units"] == 128
 
 
+def test_a_unit_that_fires_in_one_batch_only_is_not_dead():
+    x = torch.tensor([[-1.0, 2.0, -3.0], [-1.0, 0.5, -3.0]]).reshape(1, 2, 3)
+    batches = [{"x": x}, {"x": -x.abs()}, {"x": -x.abs()}]  # unit 1 fires only in the first batch
+    stats = activation_stats(Toy(), batches)  # ReLU
+    assert stats[Toy.path]["dead_units"] == [0, 2]
+
+
 def test_attention_mask_padding_is_left_out():
     """Padding rows carry no token: a unit that fires only there is still dead."""
     model = tiny_gpt2("relu")
@@ -292,6 +299,16 @@ def test_reservoir_is_a_uniform_sample_without_replacement():
     # and the stream's end is not over-represented (the classic bug of replacing too often)
     last_tenth = (torch.cat(pooled) >= 0.9 * n_items).double().mean().item()
     assert abs(last_tenth - 0.1) < 0.015
+
+
+def test_reservoir_is_uniform_when_batches_are_large_against_the_capacity():
+    """Each item of a batch has its own acceptance probability k/(t+1): with batches 10x the
+    capacity, treating a batch as one step would over-sample the early batches."""
+    n_items, capacity = 20000, 200
+    batches = stream_batches(n_items, 2000)
+    pooled = torch.cat([ActivationRecorder(Toy(), sample_size=capacity, seed=seed).run(batches)[Toy.path].sample()
+                        for seed in range(10)])
+    assert chi_square_uniform(pooled, n_items, 20) < 43.8
 
 
 def test_reservoir_is_reproducible_and_seeded():
