@@ -141,6 +141,23 @@ def test_head_of_another_class_is_skipped_and_applied_where_it_exists(tmp_path):
     assert [type(layer.intermediate.intermediate_act_fn) for layer in base.encoder.layer] == [hf_gemact.GEM] * 2
 
 
+def test_base_model_built_inside_a_task_model_leaves_the_head_entry_to_it(tmp_path):
+    # config.save_pretrained keeps a stale architectures list: here it says BertModel while the
+    # record was written by BertForMaskedLM. The BertModel that BertForMaskedLM builds inside itself
+    # lacks the head, and must leave that entry to the outer model instead of calling it a typo.
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, architectures=["BertModel"])
+    mlm = BertForMaskedLM(config)
+    hf_gemact.patch_activations(mlm, "gem")
+    mlm.config.save_pretrained(tmp_path)
+    reread = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert reread.architectures == ["BertModel"] and RECORD in reread.to_dict()
+    rebuilt = BertForMaskedLM(reread)
+    assert type(rebuilt.cls.predictions.transform.transform_act_fn).__name__ == "GELUActivation"
+    assert type(rebuilt.bert.encoder.layer[1].intermediate.intermediate_act_fn) is hf_gemact.GEM
+
+
 def test_in_memory_config_names_no_file(plain_dir):
     config = GPT2LMHeadModel.from_pretrained(plain_dir).config
     config.hf_gemact_activations = {"h.1.mlp.actt": "gem"}
