@@ -62,11 +62,13 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
-def _run(argv, capsys):
-    """main(argv) -> (exit code, the error lines it printed)."""
+def _run(argv, capsys, stdout=None):
+    """main(argv) -> (exit code, the error lines it printed); `stdout` (a list) gets its output."""
     code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.startswith("hf-gemact ")]
+    captured = capsys.readouterr()
+    if stdout is not None:
+        stdout.append(captured.out)
+    return code, [line for line in captured.err.splitlines() if line.startswith("hf-gemact ")]
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -87,8 +89,9 @@ def test_patch_refuses_dst_that_is_inside_or_around_src(src, tmp_path, capsys, k
         "contains": (tmp_path, ["--overwrite"]),  # --overwrite would delete SRC with it
     }[kind]
     before = _snapshot(src)
-    code, errors = _run(["patch", src, dst, "--act", "gem", *extra], capsys)
-    assert code == 2
+    out = []
+    code, errors = _run(["patch", src, dst, "--act", "gem", *extra], capsys, out)
+    assert code == 2 and out == [""]  # refused before the checkpoint was even loaded
     assert len(errors) == 1 and "source checkpoint" in errors[0] and str(dst) in errors[0]
     assert _snapshot(src) == before
     assert _leftovers(tmp_path) == [] and _leftovers(src) == []
@@ -98,8 +101,10 @@ def test_patch_replaces_nonempty_dst_only_with_overwrite(src, tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
-    code, errors = _run(["patch", src, dst, "--act", "gem"], capsys)
+    out = []
+    code, errors = _run(["patch", src, dst, "--act", "gem"], capsys, out)
     assert code == 2 and len(errors) == 1 and "--overwrite" in errors[0]
+    assert out == [""]  # refused before the checkpoint was even loaded
     assert _snapshot(dst) == {"precious.txt": b"keep me"}
 
     code, errors = _run(["patch", src, dst, "--act", "gem", "--layers=-1", "--overwrite"], capsys)

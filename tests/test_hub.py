@@ -86,8 +86,12 @@ def test_model_card_fields(patched):
     assert "import hf_gemact" in card.text and "GPT2LMHeadModel.from_pretrained" in card.text
 
 
-def test_model_card_loading_claim_holds_in_a_process_without_hf_gemact(patched):
-    model, folder = patched
+def test_model_card_loading_claim_holds_in_a_process_without_hf_gemact(tmp_path):
+    model = _tiny_gpt2()
+    hf_gemact.patch_activations(model, "segem", layers=[0, 1])
+    hf_gemact.patch_activations(model, "gem", layers=[2])
+    folder = tmp_path / "mixed"
+    model.save_pretrained(folder)
     text = ModelCard.load(write_model_card(folder, model)).text
     claimed = text.split("fails with `KeyError: '", 1)[1].split("'", 1)[0]
     # load the folder the way the card's snippet says, once without and once with the import
