@@ -2,8 +2,8 @@
 
 `patch` never writes into SRC: DST may not be SRC, inside it or around it (symlinks resolved), and a
 non-empty DST is replaced only with --overwrite. Everything is written into a temporary folder
-beside DST (`.tmp-DST-*`) that is renamed to DST when complete, so an interrupted patch leaves DST
-as it was. Unreadable checkpoints and bad flags end in one line naming the path or flag (exit 2).
+beside DST (`.tmp-DST-*/DST`) that is renamed to DST when complete, so an interrupted patch leaves
+DST as it was. Unreadable checkpoints and bad flags end in one line naming the path or flag (exit 2).
 """
 
 from __future__ import annotations
@@ -247,21 +247,22 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def staging_folder(target: Path, overwrite: bool):
-    """A fresh folder beside `target` to write into; when the block ends without error it becomes
-    `target` by rename (replacing an existing one only with `overwrite`), else it is removed and
-    `target` is as it was. A crash while writing leaves only a `.tmp-*` folder beside `target`."""
+    """A fresh folder to write into, named like `target` (the model card takes its title from it)
+    inside a `.tmp-*` folder beside `target`. When the block ends without error it becomes `target`
+    by rename (replacing an existing one only with `overwrite`); otherwise it is removed and
+    `target` is as it was. A crash while writing leaves only the `.tmp-*` folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; DST gets the usual permissions
+    holder = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        yield tmp
-        _move_into_place(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stage = holder / target.name
+        stage.mkdir(mode=0o777 & ~_umask())  # mkdtemp's folder is private; DST gets the usual mode
+        yield stage
+        _move_into_place(stage, target, overwrite, holder / "replaced")
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
-def _move_into_place(new: Path, target: Path, overwrite: bool) -> None:
+def _move_into_place(new: Path, target: Path, overwrite: bool, aside: Path) -> None:
     try:
         os.rename(new, target)  # target absent or an empty folder: one atomic step
         return
@@ -271,15 +272,13 @@ def _move_into_place(new: Path, target: Path, overwrite: bool) -> None:
         if not overwrite:
             raise CommandError(f"DST {target} was filled by something else while patching: it is left as "
                                f"it is; pass --overwrite to replace it") from None
-    # two renames: a crash between them leaves no DST but both complete folders beside it
-    old = new.with_name(new.name + "-replaced")
-    os.rename(target, old)
+    # two renames: a crash between them leaves no DST, but both complete folders in the .tmp-* one
+    os.rename(target, aside)
     try:
         os.rename(new, target)
     except BaseException:
-        os.rename(old, target)
+        os.rename(aside, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _hub_repo(args, target: Path) -> str | None:

@@ -159,7 +159,7 @@ def test_killed_mid_write_leaves_dst_as_it_was(src, tmp_path):
     assert proc.returncode == 9, proc.stderr[-2000:]
     assert _snapshot(dst) == {"precious.txt": b"keep me"}
     leftover = _leftovers(tmp_path)  # what the killed process was writing, beside DST, never DST
-    assert len(leftover) == 1 and (tmp_path / leftover[0] / "model.safetensors").is_file()
+    assert len(leftover) == 1 and (tmp_path / leftover[0] / "dst" / "model.safetensors").is_file()
 
 
 # ----------------------------------------------------------------- item 9: one line, exit code 2

@@ -215,6 +215,8 @@ def test_patch_writes_a_model_card_with_the_source_as_base(tmp_path, capsys):
     _tiny_gpt2().save_pretrained(src)
     assert main(["patch", str(src), str(tmp_path / "dst"), "--act", "gem", "--layers=-1"]) == 0
     card = ModelCard.load(tmp_path / "dst" / "README.md")
+    # written before DST took its name, yet titled and loaded by that name
+    assert card.text.startswith("\n# dst\n") and 'from_pretrained("dst")' in card.text
     assert f"activation surgery (`hf_gemact.patch_activations`) on `{src}`" in card.text
     assert _table_rows(card.text)["transformer.h.2.mlp.act"] == ["2", "mlp", "gem", "gelu_new", "-"]
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["activation_function"] == "gem"
