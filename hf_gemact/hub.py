@@ -40,8 +40,7 @@ class HubError(RuntimeError):
 def staged_files(folder) -> list[str]:
     """The sorted paths (relative to `folder`, with `/`) that push_folder would upload: every file
     that upload_folder lists, minus IGNORE_PATTERNS and huggingface_hub's default ignores."""
-    from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
     root = Path(folder).expanduser().resolve()
     # the same listing as HfApi.upload_folder, so that the two cannot disagree

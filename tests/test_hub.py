@@ -172,12 +172,12 @@ def test_push_folder_uploads_exactly_the_staged_files(tmp_path, monkeypatch):
     prepare = HfApi._prepare_upload_folder_additions
 
     def record(self, *args, **kwargs):
-        monkeypatch.setattr(HfApi, "_validate_yaml", lambda *a, **k: None)  # a network call
+        monkeypatch.setattr(HfApi, "_validate_yaml", lambda *a, **k: None, raising=False)  # a network call
         seen["paths"] = sorted(op.path_in_repo for op in prepare(self, *args, **kwargs))
         raise _StopBeforeNetwork("stopped by the test")
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
-    monkeypatch.setattr(HfApi, "_prepare_folder_deletions", lambda self, **kw: [])
+    monkeypatch.setattr(HfApi, "_prepare_folder_deletions", lambda self, **kw: [], raising=False)
     monkeypatch.setattr(HfApi, "_prepare_upload_folder_additions", record)
     with pytest.raises(HubError, match="stopped by the test"):
         push_folder(tmp_path, "me/model")
