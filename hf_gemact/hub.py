@@ -53,6 +53,30 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class HubFlagError(ValueError):
+    """--push_to_hub / --hub_model_id / --hub_token that cannot work (said before any work)."""
+
+
+def hub_repo(push_to_hub: bool, hub_model_id, hub_token, folder) -> str | None:
+    """The repo id that --push_to_hub uses, with HF no_trainer semantics (--hub_model_id, else the
+    output folder's name), checked before any work; None without --push_to_hub."""
+    if not push_to_hub:
+        for flag, value in (("hub_model_id", hub_model_id), ("hub_token", hub_token)):
+            if value:
+                raise HubFlagError(f"--{flag} has no effect without --push_to_hub")
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo = hub_model_id or Path(folder).expanduser().resolve().name
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as err:
+        source = "--hub_model_id" if hub_model_id else "the Hub repo name taken from the output folder's name"
+        raise HubFlagError(f"{source} {repo!r} is not a valid repo id ({_one_line(str(err))}); pass "
+                           f"--hub_model_id NAME or ORG/NAME") from None
+    return repo
+
+
 def push_folder(folder, repo_id: str, *, token=None, commit_message: str = "Upload with hf_gemact") -> str:
     """Create the model repo `repo_id` (kept if it exists) and upload `folder` to it with
     huggingface_hub's HfApi, leaving out what `staged_files` leaves out. Returns the repo URL.

@@ -282,23 +282,12 @@ def _move_into_place(new: Path, target: Path, overwrite: bool, aside: Path) -> N
 
 
 def _hub_repo(args, target: Path) -> str | None:
-    """The repo id --push_to_hub will use (HF no_trainer: --hub_model_id, else DST's folder name),
-    checked before any work."""
-    if not args.push_to_hub:
-        for flag in ("hub_model_id", "hub_token"):
-            if getattr(args, flag):
-                raise CommandError(f"--{flag} has no effect without --push_to_hub")
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import HubFlagError, hub_repo
 
-    repo = args.hub_model_id or target.name
     try:
-        validate_repo_id(repo)
-    except HFValidationError as err:
-        source = "--hub_model_id" if args.hub_model_id else "the Hub repo name taken from DST's folder name"
-        raise CommandError(f"{source} {repo!r} is not a valid repo id ({_one_line(err)}); pass "
-                           f"--hub_model_id NAME or ORG/NAME") from None
-    return repo
+        return hub_repo(args.push_to_hub, args.hub_model_id, args.hub_token, target)
+    except HubFlagError as err:
+        raise CommandError(str(err).replace("the output folder's name", "DST's folder name")) from None
 
 
 def cmd_inspect(args) -> int:
