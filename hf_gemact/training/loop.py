@@ -148,6 +148,11 @@ def run(task: str, argv=None) -> dict:
         project_dir=args.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)],
     )
+    from .lock import acquire_for_run
+
+    # One writer per output dir: a second run into it stops here, before anything is read or
+    # removed. Held until run() returns (the lock's file closes when this frame goes away).
+    run_lock = acquire_for_run(accelerator, args.output_dir)  # noqa: F841
     resume_state = checkpoint.read_state(args.resume_path) if args.resume_path else None
     if args.resume_from_checkpoint == "latest" and resume_state is None:
         accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet, starting fresh")
