@@ -69,6 +69,10 @@ class Run:
         return f"{self.activation} seed {self.seed}"
 
 
+def say(message: str) -> None:
+    print(message, flush=True)  # at once: a killed sweep's last lines are the ones that matter
+
+
 def plan(activations, seeds, out: Path) -> list:
     return [Run(act, seed, out / act / f"seed{seed}") for act in activations for seed in seeds]
 
@@ -87,8 +91,8 @@ def canonical_activation(name: str) -> str:
 
 
 def check_grid(activations, seeds) -> None:
-    """Unknown or repeated activations and repeated seeds: each would be run into the same folder
-    twice and counted as two runs."""
+    """Unknown or repeated activations (also under two spellings) and repeated seeds: a repeat
+    would be run again into the same folder (or a twin one) and counted as another run."""
     from .training.args import UsageError, check_activation
 
     seen = {}
@@ -100,8 +104,9 @@ def check_grid(activations, seeds) -> None:
                                   "gem, gem_n1, egem_eps10, segem, velu, or transformers' such as gelu)") from None
         key = canonical_activation(name)
         if key in seen:
-            same = "twice" if seen[key] == name else f"twice ({seen[key]} and {name} are the same activation)"
-            raise SweepUsageError(f"--activations lists {key} {same}; list each activation once")
+            twice = (f"{name} twice" if seen[key] == name
+                     else f"{key} twice ({seen[key]} and {name} are the same activation)")
+            raise SweepUsageError(f"--activations lists {twice}; list each activation once")
         seen[key] = name
     repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
     if repeated:
@@ -223,10 +228,10 @@ def _start(run: Run, command: list, script_args: list, device, log) -> _Active:
     run.output_dir.mkdir(parents=True, exist_ok=True)
     log(f"[sweep] run {run.label}: {' '.join(cmd)}")
     log_file = open(run.output_dir.parent / f"seed{run.seed}.log", "a")
+    guarded = [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *cmd] if os.name == "posix" else cmd
     # Its own session: a terminal's Ctrl-C reaches the sweep, which then stops each run in order.
-    proc = subprocess.Popen([sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *cmd], env=env,
-                            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
     return _Active(run, proc, log_file)
 
 
@@ -281,7 +286,7 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def execute(runs, command: list, script_args: list, devices=None, log=print) -> list:
+def execute(runs, command: list, script_args: list, devices=None, log=say) -> list:
     """Run what is not done, one run per device at a time (one at a time without devices).
     Returns (run, problem) for every run that did not end with a readable metrics.json. Raises
     SweepInterrupted after stopping every run when the sweep gets SIGTERM, SIGINT or SIGHUP."""
@@ -313,6 +318,9 @@ def execute(runs, command: list, script_args: list, devices=None, log=print) -> 
                     if problem is not None:
                         failures.append((a.run, problem))
                         log(f"[sweep] FAILED {a.run.label}: {problem}")
+                    elif (row := run_row(a.run))["status"] == "diverged":
+                        log(f"[sweep] {a.run.label} diverged: final {row['metric']} {row['final']}, "
+                            f"best {row['best']}; it is not ranked")
                 if active:
                     time.sleep(POLL_S)
         except BaseException:
@@ -425,7 +433,7 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _collect_rows(runs, log=print) -> list:
+def _collect_rows(runs, log=say) -> list:
     rows = []
     for run in runs:
         try:
