@@ -112,3 +112,21 @@ def test_lock_holders_are_named_and_a_killed_holder_leaves_no_lock(tmp_path):
     with lock.acquire(out) as mine:
         assert mine.held and (out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
     assert not (out / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_every_process_of_a_two_process_run_stops_on_a_locked_folder(corpus, tmp_path):
+    """The main process takes the lock and tells the others, so that no rank trains on alone."""
+    out = tmp_path / "run"
+    with lock.acquire(out):
+        result = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             str(REPO / "train_scripts" / "run_clm.py"), *data_args(corpus), "--output_dir", str(out),
+             "--max_train_steps", "3", "--overwrite_output_dir"],
+            env={**os.environ, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0
+    assert errors == [f"error: --output_dir {out} is being written by another run (pid {os.getpid()} on "
+                      f"{socket.gethostname()}); wait for it to end or stop it"] * 2, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == []  # the lock's file went with the lock
