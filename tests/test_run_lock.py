@@ -93,6 +93,18 @@ def test_the_lock_is_released_when_a_run_returns_and_reclaimed_after_an_exceptio
     assert probe.returncode == 0, probe.stderr
 
 
+def test_a_run_stopped_by_bad_input_leaves_no_folder_behind(corpus, tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(UsageError, match="block_size"):  # found after the lock (and its folder) was made
+        run("clm", [*data_args(corpus), "--output_dir", str(out), "--max_train_steps", "2", "--block_size", "4096"])
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(UsageError, match="block_size"):
+        run("clm", [*data_args(corpus), "--output_dir", str(kept), "--max_train_steps", "2", "--block_size", "4096"])
+    assert kept.is_dir() and not any(kept.iterdir())  # the user's own folder stays
+
+
 def test_lock_holders_are_named_and_a_killed_holder_leaves_no_lock(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hf_gemact.training import lock; "

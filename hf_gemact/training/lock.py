@@ -37,10 +37,12 @@ class RunLockedError(UsageError):
 
 
 class RunLock:
-    """A held lock; released (and its file removed) by `release()`, `with`, or garbage collection."""
+    """A held lock; released (and its file removed) by `release()`, `with`, or garbage collection.
+    A folder that `acquire` created and that is still empty goes with it: a run that stops on bad
+    input leaves nothing behind."""
 
-    def __init__(self, path: Path, fd: int):
-        self.path, self._fd = path, fd
+    def __init__(self, path: Path, fd: int, remove_empty_dir: bool = False):
+        self.path, self._fd, self._remove_empty_dir = path, fd, remove_empty_dir
 
     @property
     def held(self) -> bool:
@@ -55,6 +57,8 @@ class RunLock:
             # waiter that opened it meanwhile sees the unlinked inode when it re-checks (acquire).
             if _same_file(fd, self.path):
                 self.path.unlink()
+                if self._remove_empty_dir:
+                    self.path.parent.rmdir()  # fails, as it should, once the run has written anything
         except OSError:
             pass
         finally:
@@ -109,13 +113,17 @@ def acquire(output_dir, command: str | None = None) -> RunLock | None:
     if fcntl is None:  # pragma: no cover
         return None
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
     stale = _held.get(str(path))
     if stale is not None:
         stale.release()
+    created = not out.exists()
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # an empty folder was removed by its previous holder meanwhile
+            continue
         if not _try_lock(fd):
             os.close(fd)
             raise RunLockedError(f"--output_dir {out} is being written by another run "
@@ -126,7 +134,7 @@ def acquire(output_dir, command: str | None = None) -> RunLock | None:
     # first line: who (shown in errors); second: the command, for whoever reads the file
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n{command or ''}\n".encode())
-    lock = RunLock(path, fd)
+    lock = RunLock(path, fd, remove_empty_dir=created)
     _held[str(path)] = lock
     return lock
 
