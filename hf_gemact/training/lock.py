@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -43,6 +44,7 @@ class RunLock:
 
     def __init__(self, path: Path, fd: int, remove_empty_dir: bool = False):
         self.path, self._fd, self._remove_empty_dir = path, fd, remove_empty_dir
+        self._key = _key(path)
 
     @property
     def held(self) -> bool:
@@ -62,7 +64,7 @@ class RunLock:
         except OSError:
             pass
         finally:
-            _held.pop(str(self.path), None)
+            _held.pop(self._key, None)
             os.close(fd)
 
     def __enter__(self):
@@ -76,6 +78,10 @@ class RunLock:
             self.release()
         except Exception:  # interpreter shutdown: the kernel drops the lock with the process anyway
             pass
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(path)  # one entry per folder, however its path is spelled
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -114,7 +120,7 @@ def acquire(output_dir, command: str | None = None) -> RunLock | None:
         return None
     out = Path(output_dir)
     path = out / LOCK_NAME
-    stale = _held.get(str(path))
+    stale = _held.get(_key(path))
     if stale is not None:
         stale.release()
     created = not out.exists()
@@ -135,7 +141,7 @@ def acquire(output_dir, command: str | None = None) -> RunLock | None:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n{command or ''}\n".encode())
     lock = RunLock(path, fd, remove_empty_dir=created)
-    _held[str(path)] = lock
+    _held[_key(path)] = lock
     return lock
 
 
@@ -161,8 +167,6 @@ def holder(output_dir) -> str | None:
 def acquire_for_run(accelerator, output_dir) -> RunLock | None:
     """The training loop's lock: taken by the main process; every process raises the same
     RunLockedError when it is taken, so no rank is left waiting at a barrier."""
-    import sys
-
     lock, error = None, None
     if accelerator.is_main_process:
         try:
