@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ki
 
 # A training script of one's own. FAKE_MODE=hang: start a grandchild in a session of its own (as
 # torchrun starts its workers), record both pids, wait forever. FAKE_MODE=finish: record that it ran
-# and write a metrics.json whose perplexity comes from FAKE_RESULTS ("act/seed" -> value).
+# (after FAKE_SECONDS, noting its CUDA_VISIBLE_DEVICES and times) and write a metrics.json whose
+# perplexity comes from FAKE_RESULTS ("act/seed" -> value).
 FAKE_SCRIPT = r'''
 import argparse, json, os, subprocess, sys, time
 p = argparse.ArgumentParser()
@@ -41,6 +42,10 @@ if os.environ["FAKE_MODE"] == "hang":
         f.write(f"{os.getpid()} {grandchild.pid}\n")
     os.replace(os.path.join(a.output_dir, "pids.tmp"), os.path.join(a.output_dir, "pids"))
     time.sleep(600)
+start = time.time()
+time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
+with open(os.path.join(os.path.dirname(os.path.dirname(a.output_dir)), "devices.txt"), "a") as f:
+    f.write(f"{os.environ.get('CUDA_VISIBLE_DEVICES')} {start} {time.time()}\n")
 value = json.loads(os.environ.get("FAKE_RESULTS", "{}")).get(f"{a.activation}/{a.seed}", 10.0 + int(a.seed))
 metrics = {"task": "clm", "final": {"step": 1, "perplexity": value}, "best": {"step": 1, "perplexity": value},
            "steps": 1, "tokens_per_s": 100.0}
@@ -192,6 +197,24 @@ def test_a_diverged_run_is_shown_as_diverged_and_not_ranked(fake_script, tmp_pat
     # a diverged run is a result: the next sweep does not run it again
     code, printed = run_sweep(capsys, monkeypatch, fake_script, out, activations=("gem",), seeds=("0",))
     assert f"skip diverged {out / 'gem' / 'seed0'}" in printed
+
+
+def test_with_devices_each_device_runs_one_run_at_a_time(fake_script, tmp_path, capsys, monkeypatch):
+    from hf_gemact.cli import main
+
+    out = tmp_path / "sweep"
+    monkeypatch.setenv("FAKE_MODE", "finish")
+    monkeypatch.setenv("FAKE_SECONDS", "0.5")
+    argv = sweep_cmd(fake_script, out, activations=("gelu", "relu"), seeds=("0", "1", "2"))[3:]
+    assert main([*argv, "--devices", "3", "5"]) == 0, capsys.readouterr().out
+    spans = {}
+    for line in (out / "devices.txt").read_text().splitlines():
+        device, start, end = line.split()
+        spans.setdefault(device, []).append((float(start), float(end)))
+    assert sorted(spans) == ["3", "5"] and sum(map(len, spans.values())) == 6
+    for runs in spans.values():  # one at a time on a device
+        runs.sort()
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(runs, runs[1:])), runs
 
 
 @pytest.mark.parametrize("args, message", [
