@@ -251,6 +251,11 @@ def run(task: str, argv=None) -> dict:
         t = torch.tensor(float(flag), dtype=torch.float64, device=accelerator.device)
         return bool(accelerator.reduce(t, "sum").item() > 0) if accelerator.num_processes > 1 else flag
 
+    from .lock import acquire_for_run
+
+    # One writer per output dir: a second run into it stops here, before anything is read or
+    # removed. Held until run() returns (the lock's file closes when this frame goes away).
+    run_lock = acquire_for_run(accelerator, args.output_dir)  # noqa: F841
     _check_precision(args, accelerator)
     resume_state = _resume_state(args, flags, accelerator, task)
     if args.resume_from_checkpoint == "latest" and resume_state is None:
