@@ -139,6 +139,11 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     o.add_argument("--report_to", default="all", help="with --with_tracking: 'all' (every installed "
                    "tracker) or one or more of accelerate's trackers, comma-separated (" + _tracker_names() + ")")
     o.add_argument("--no_save_model", action="store_true", help="skip save_pretrained at the end")
+    o.add_argument("--push_to_hub", action="store_true", help="upload the finished output folder (model, "
+                   "tokenizer/processor, model card, metrics; no step_*/epoch_* checkpoints) to the Hub")
+    o.add_argument("--hub_model_id", help="repo id for --push_to_hub (default: the output folder's name)")
+    o.add_argument("--hub_token", help="Hub token for --push_to_hub (default: HF_TOKEN or the cached "
+                   "login); never written to metrics.json or checkpoints")
     return p
 
 
@@ -279,7 +284,8 @@ def check_blend(args, max_steps: int | None) -> None:
                          f"{max_steps} (or more --max_train_steps)")
 
 
-_INTERNAL = ("task", "resume_path")
+# Derived or secret: never recorded in checkpoints (hub_token must not land on disk).
+_INTERNAL = ("task", "resume_path", "hub_repo", "hub_token")
 
 
 def _normalized(task: str, flags: dict) -> dict:
@@ -355,6 +361,7 @@ def validate(args: argparse.Namespace, task: str) -> argparse.Namespace:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file")
+    _check_hub(args, out)
     args.resume_path = checkpoint.resolve(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
     continuing = args.resume_path is not None and checkpoint.inside(args.resume_path, out)
     if not continuing and out.is_dir() and any(out.iterdir()):
@@ -364,6 +371,17 @@ def validate(args: argparse.Namespace, task: str) -> argparse.Namespace:
         _check_inputs_survive(args, checkpoint.previous_outputs(out))
     args.output_dir = os.fspath(out)
     return args
+
+
+def _check_hub(args, out: Path) -> None:
+    from ..hub import HubFlagError, hub_repo
+
+    try:
+        args.hub_repo = hub_repo(args.push_to_hub, args.hub_model_id, args.hub_token, out)
+    except HubFlagError as err:
+        raise UsageError(str(err)) from None
+    if args.push_to_hub and args.no_save_model:
+        raise UsageError("--push_to_hub uploads the trained model, which --no_save_model skips; drop one of them")
 
 
 def _check_inputs_survive(args, doomed: list[Path]) -> None:

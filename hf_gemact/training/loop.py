@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import hub
 from . import checkpoint
 from .args import UsageError, build_parser, validate
 from .tasks import TASKS, current_activation
@@ -111,8 +112,25 @@ class _Log:
                                  step=record["step"])
 
 
+_SECRET_FLAGS = ("hub_token", "hub_repo")
+
+
+def _command_line() -> str:
+    """sys.argv as run, with the values of secret flags replaced."""
+    words, hide = [], False
+    for word in sys.argv:
+        flag, eq, _ = word.partition("=")
+        if hide:
+            word, hide = "***", False
+        elif flag.lstrip("-") in _SECRET_FLAGS:
+            word, hide = (f"{flag}=***", False) if eq else (word, True)
+        words.append(word)
+    return " ".join(words)
+
+
 def _jsonable(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    """The flags as written into metrics.json and checkpoints (secrets left out)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _SECRET_FLAGS}
 
 
 class TrainingDiverged(RuntimeError):
@@ -233,6 +251,11 @@ def run(task: str, argv=None) -> dict:
         t = torch.tensor(float(flag), dtype=torch.float64, device=accelerator.device)
         return bool(accelerator.reduce(t, "sum").item() > 0) if accelerator.num_processes > 1 else flag
 
+    from .lock import acquire_for_run
+
+    # One writer per output dir: a second run into it stops here, before anything is read or
+    # removed. Held until run() returns (the lock's file closes when this frame goes away).
+    run_lock = acquire_for_run(accelerator, args.output_dir)  # noqa: F841
     _check_precision(args, accelerator)
     resume_state = _resume_state(args, flags, accelerator, task)
     if args.resume_from_checkpoint == "latest" and resume_state is None:
@@ -494,12 +517,16 @@ def run(task: str, argv=None) -> dict:
         **{k: v for k, v in setup.info.items() if v is not None},
         "args": _jsonable(args),
         "versions": library_versions(),
-        "command": " ".join(sys.argv),
+        "command": _command_line(),
     }
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
-        checkpoint.record_outputs(out, ["metrics.json"])
+        card = hub.write_model_card(out, accelerator.unwrap_model(model), base_model=args.model_name_or_path,
+                                    metrics=summary, task=task)
+        checkpoint.record_outputs(out, ["metrics.json", card.name])
     accelerator.end_training()
+    if args.hub_repo and accelerator.is_main_process:
+        say(f"pushed {out} to {hub.push_folder(out, args.hub_repo, token=args.hub_token, commit_message='End of training')}")
     return summary
 
 
@@ -509,4 +536,7 @@ def main(task: str, argv=None) -> int:
     except (UsageError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except hub.HubError as err:  # the environment failed after the run was saved, not the input
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
