@@ -491,14 +491,16 @@ class ActivationRecorder:
 
         return hook
 
-    def run(self, batches, max_batches: int | None = None) -> "ActivationRecorder":
+    def run(self, batches, max_batches: int | None = None, forward: nn.Module | None = None) -> "ActivationRecorder":
         """model(**batch) for each batch (tensors moved to the model's device) in eval mode without
-        gradients; every module's train/eval mode is restored afterwards, also on error."""
+        gradients; every module's train/eval mode is restored afterwards, also on error.
+        forward: a wrapper to call instead of the model (DDP / FSDP / accelerate-prepared), holding
+        the same site modules."""
         if max_batches is not None:
             max_batches = _check_count("max_batches", max_batches, minimum=1)
-        model = self.model
+        model = forward if forward is not None else self.model
         modes = [(m, m.training) for m in model.modules()]
-        device = _model_device(model)
+        device = _model_device(self.model)
         model.eval()
         try:
             with torch.no_grad():
@@ -520,7 +522,47 @@ class ActivationRecorder:
         return {path: record.to_dict(quantiles) for path, record in self.records.items()}
 
 
+    def overall(self, reduce=None) -> dict:
+        """Zero and near-zero fractions over every recorded value of all sites together, and the
+        units that never fired summed over sites. reduce: sums an int64 tensor over processes
+        (e.g. `lambda t: accelerator.reduce(t, "sum")`) when each process recorded its own share."""
+        records = [r for r in self.records.values() if r.n_units is not None]
+        if len(records) != len(self.records):
+            missing = [p for p, r in self.records.items() if r.n_units is None]
+            raise ValueError(f"no value was recorded at {missing}: run the model on some batches first")
+        counts = torch.tensor([sum(r.n_values for r in records), sum(r.n_zero for r in records),
+                               sum(r.n_near_zero for r in records)], dtype=torch.int64)
+        fired = torch.cat([r.fired.cpu() for r in records])
+        both = torch.cat([counts, fired])
+        if reduce is not None:
+            device = records[0].fired.device
+            both = reduce(both.to(device)).cpu()
+        n_values, n_zero, n_near = (int(v) for v in both[:3])
+        return {"zero_fraction": n_zero / n_values, "near_zero_fraction": n_near / n_values,
+                "near_zero_threshold": self.near_zero, "dead_units": int((both[3:] == 0).sum()),
+                "units": int(fired.numel()), "sites": len(records), "values": n_values}
+
+
 # -------------------------------------------------------------------------------- public entry
+
+
+# Batches of the validation loader that the training loop's end-of-run sparsity uses (per process).
+SPARSITY_EVAL_BATCHES = 8
+
+
+def sparsity_summary(model: nn.Module, batches, *, forward: nn.Module | None = None, reduce=None,
+                     max_batches: int = SPARSITY_EVAL_BATCHES, near_zero: float = NEAR_ZERO) -> dict:
+    """`ActivationRecorder.overall` of the MLP sites on the first `max_batches` batches: what the
+    training loop writes into metrics.json ("activation_sparsity") and `hf-gemact sweep` tabulates.
+    A model without MLP activation site gets {"skipped": why}."""
+    from .surgery import NoActivationError
+
+    try:
+        recorder = ActivationRecorder(model, sample_size=0, near_zero=near_zero)
+    except NoActivationError as err:
+        return {"skipped": str(err)}
+    recorder.run(batches, max_batches=max_batches, forward=forward)
+    return {**recorder.overall(reduce), "batches": recorder.n_batches}
 
 
 def activation_stats(model: nn.Module, batches, *, near_zero: float = NEAR_ZERO, sites="mlp",
@@ -636,5 +678,6 @@ def _input_panel(ax, records, ys, Line2D) -> None:
     ax.legend(handles=handles, loc="lower center", fontsize=8, ncol=5, bbox_to_anchor=(0.5, 1.06), frameon=False)
 
 
-__all__ = ["ActivationRecorder", "NEAR_ZERO", "QUANTILES", "QUANTILE_RELATIVE_ERROR", "SiteRecord",
-           "activation_stats", "format_activation_stats", "plot_activation_stats"]
+__all__ = ["ActivationRecorder", "NEAR_ZERO", "QUANTILES", "QUANTILE_RELATIVE_ERROR", "SPARSITY_EVAL_BATCHES",
+           "SiteRecord", "activation_stats", "format_activation_stats", "plot_activation_stats",
+           "sparsity_summary"]

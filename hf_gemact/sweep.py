@@ -163,6 +163,7 @@ def run_row(run: Run, metrics: dict | None = None) -> dict:
     metric = PRIMARY_METRIC.get(m.get("task"), "loss")
     speed_key = next((k for k in m if k.endswith("_per_s")), None)
     final, best = float(m["final"][metric]), float(m["best"][metric])
+    sparsity = m.get("activation_sparsity") if isinstance(m.get("activation_sparsity"), dict) else {}
     return {
         "activation": run.activation,
         "seed": run.seed,
@@ -174,8 +175,16 @@ def run_row(run: Run, metrics: dict | None = None) -> dict:
         "throughput_unit": speed_key.replace("_per_s", "/s") if speed_key else "",
         "steps": m.get("steps"),
         "wall_time_s": m.get("wall_time_s"),
+        "zero_fraction": _number_or_none(sparsity.get("zero_fraction")),
+        "near_zero_fraction": _number_or_none(sparsity.get("near_zero_fraction")),
+        "near_zero_threshold": _number_or_none(sparsity.get("near_zero_threshold")),
         "output_dir": str(run.output_dir),
     }
+
+
+def _number_or_none(value):
+    """Runs written before the sparsity column (or of models without MLP sites) have none."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -358,11 +367,15 @@ def summarize(rows: list, baseline: str = "gelu") -> list:
     for act, group in groups.items():
         finite = [r for r in group if not is_diverged(r["final"], r["best"])]
         speeds = [r["throughput"] for r in group if r["throughput"]]
+        zeros = [r["zero_fraction"] for r in group if r.get("zero_fraction") is not None]
+        nears = [r["near_zero_fraction"] for r in group if r.get("near_zero_fraction") is not None]
         fm, fs = mean_std([r["final"] for r in finite]) if finite else (None, None)
         bm, bs = mean_std([r["best"] for r in finite]) if finite else (None, None)
         table.append({"activation": act, "n": len(group), "diverged": len(group) - len(finite), "final_mean": fm,
                       "final_std": fs, "best_mean": bm, "best_std": bs,
-                      "throughput": sum(speeds) / len(speeds) if speeds else None})
+                      "throughput": sum(speeds) / len(speeds) if speeds else None,
+                      "zero_fraction": sum(zeros) / len(zeros) if zeros else None,
+                      "near_zero_fraction": sum(nears) / len(nears) if nears else None})
     ranked = [t for t in table if not t["diverged"]]
     base = next((t for t in table if t["activation"] == baseline), None)
     for t in table:
@@ -393,31 +406,41 @@ def _mean_cell(mean, std) -> str:
     return "diverged" if mean is None else f"{_fmt(mean)} +- {_fmt(std)}"
 
 
+def _sparsity_cell(t) -> str:
+    if t.get("zero_fraction") is None or t.get("near_zero_fraction") is None:
+        return ""
+    return f"{t['zero_fraction']:.1%} / {t['near_zero_fraction']:.1%}"
+
+
 def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "results.csv", out / "results.md"
     fields = ["activation", "seed", "metric", "status", "final", "best", "throughput", "throughput_unit", "steps",
-              "wall_time_s", "output_dir"]
+              "wall_time_s", "zero_fraction", "near_zero_fraction", "near_zero_threshold", "output_dir"]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     table = summarize(rows, baseline)
     metric = rows[0]["metric"] if rows else "metric"
+    taus = sorted({r["near_zero_threshold"] for r in rows if r.get("near_zero_threshold") is not None})
+    tau = "/".join(f"{t:g}" for t in taus) or "tau"
     lines = [
         f"Validation {metric}: final and best, mean +- std over seeds (sample std). diff = final mean minus "
         f"{baseline}'s; sig = |diff| > 2 standard errors of the difference (an indication, not a test). "
-        f"speed = throughput relative to {baseline}.",
+        f"speed = throughput relative to {baseline}. sparsity = fraction of MLP activation outputs that are "
+        f"exactly 0 / have |y| <= {tau}, on the first validation batches at the end of training (mean over seeds).",
         "",
-        f"| rank | activation | n | final {metric} | best {metric} | diff vs {baseline} | sig | speed |",
-        "|---:|---|---:|---|---|---:|:---:|---:|",
+        f"| rank | activation | n | final {metric} | best {metric} | diff vs {baseline} | sig | speed | sparsity 0 / near 0 |",
+        "|---:|---|---:|---|---|---:|:---:|---:|---:|",
     ]
     for t in table:
         sig = {True: "yes", False: "no", None: ""}[t["significant"]]
         rank, n = (t["rank"], t["n"]) if t["rank"] is not None else ("diverged", f"{t['n']} ({t['diverged']} diverged)")
         lines.append(
             f"| {rank} | {t['activation']} | {n} | {_mean_cell(t['final_mean'], t['final_std'])} | "
-            f"{_mean_cell(t['best_mean'], t['best_std'])} | {_fmt(t['diff'])} | {sig} | {_fmt(t['speed_ratio'], 2)} |")
+            f"{_mean_cell(t['best_mean'], t['best_std'])} | {_fmt(t['diff'])} | {sig} | {_fmt(t['speed_ratio'], 2)} | "
+            f"{_sparsity_cell(t)} |")
     if any(t["rank"] is None for t in table):
         lines += ["", "A run diverged when its final or best metric is not finite (nan or inf). An activation "
                   "with a diverged run is not ranked; its means are over its finite runs."]

@@ -79,7 +79,8 @@ def collect(model, batches, paths):
     def hook_for(path):
         def hook(module, args, output):
             x, y = args[0].detach(), output.detach()
-            keep = state["mask"].bool()
+            mask = state["mask"]
+            keep = mask.bool() if mask is not None else torch.ones(x.shape[:-1], dtype=torch.bool)
             seen[path][0].append(x[keep].double())
             seen[path][1].append(y[keep].double())
         return hook
@@ -89,7 +90,7 @@ def collect(model, batches, paths):
     try:
         with torch.no_grad():
             for b in batches:
-                state["mask"] = b.get("attention_mask", torch.ones(b["input_ids"].shape))
+                state["mask"] = b.get("attention_mask")
                 model(**b)
     finally:
         for h in handles:
@@ -454,3 +455,186 @@ def test_import_does_not_load_matplotlib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ hf-gemact inspect --stats (CLI)
+
+
+def _cli(argv, capsys):
+    from hf_gemact.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory, shared_data):
+    """A tiny relu GPT-2 saved with the real GPT-2 tokenizer beside it."""
+    import shutil
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, activation_function="relu")
+    folder = tmp_path_factory.mktemp("gpt2_relu")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    for f in (shared_data / "gpt2-tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_inspect_stats_prints_and_writes_what_the_library_computes(gpt2_checkpoint, shared_data, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    lines = [line for line in (shared_data / "text" / "tinyshakespeare.txt").read_text().splitlines() if line.strip()]
+    data = tmp_path / "lines.txt"
+    data.write_text("\n\n".join(lines[:60]))  # blank lines are skipped
+    code, out, err = _cli(["inspect", str(gpt2_checkpoint), "--stats", "--data", str(data), "--stats_samples", "40",
+                           "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")], capsys)
+    assert code == 0, err
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["samples"] == 40 and written["data"] == str(data)
+    # the same 40 lines through the checkpoint's tokenizer, batches of 16, 128 tokens at most
+    tok = AutoTokenizer.from_pretrained(gpt2_checkpoint)
+    tok.pad_token = tok.eos_token
+    batches = [dict(tok([l.strip() for l in lines[i:min(i + 16, 40)]], return_tensors="pt", padding=True,
+                        truncation=True, max_length=64)) for i in range(0, 40, 16)]
+    model = GPT2LMHeadModel.from_pretrained(gpt2_checkpoint)
+    full = collect(model, batches, mlp_paths(model))
+    for path, (x, y) in full.items():
+        record = written["sites"][path]
+        assert record["n_values"] == y.numel() and record["n_zero"] == int((y == 0).sum())
+        assert record["input"]["mean"] == pytest.approx(float(x.mean()), rel=1e-9)
+        assert f"{record['zero_fraction']:.2%}" in out  # the printed table
+    assert "activation statistics of the MLP sites on 40 texts" in out
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inspect_stats_on_a_folder_of_images_for_a_vision_checkpoint(shared_data, tmp_path, capsys):
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification
+
+    raw = gzip.open(shared_data / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").read()
+    images = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:20]
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64, hidden_act="gem")
+    ckpt = tmp_path / "vit"
+    ViTForImageClassification(config).save_pretrained(ckpt)  # no image processor saved: 0.5 mean / std
+    code, out, err = _cli(["inspect", str(ckpt), "--stats", "--data", str(tmp_path / "images"),
+                           "--json", str(tmp_path / "v.json")], capsys)
+    assert code == 0, err
+    sites = json.loads((tmp_path / "v.json").read_text())["sites"]
+    model = ViTForImageClassification.from_pretrained(ckpt)
+    pixels = torch.tensor(images, dtype=torch.float32)[:, None] / 127.5 - 1.0  # (x/255 - 0.5) / 0.5
+    full = collect(model, [{"pixel_values": pixels[:16]}, {"pixel_values": pixels[16:]}], mlp_paths(model))
+    for path, (x, y) in full.items():
+        assert sites[path]["n_values"] == 20 * 17 * 64  # 16 patches + CLS, 64 units
+        assert sites[path]["input"]["mean"] == pytest.approx(float(x.mean()), rel=1e-4)
+        assert sites[path]["zero_fraction"] == pytest.approx(float((y == 0).double().mean()), abs=1e-3)
+    assert "on 20 images" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stats"], "--stats needs --data FILE_OR_DATASET"),
+    (["--json", "x.json"], "--json only go with --stats"),
+    (["--stats", "--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file or folder"),
+    (["--stats", "--data", "{folder}"], "is a folder: a text checkpoint takes a text file"),
+    (["--stats", "--data", "{data}", "--plot", "{folder}"], "--plot {folder} is a folder"),
+])
+def test_inspect_stats_flag_errors_are_one_line(gpt2_checkpoint, tmp_path, capsys, argv, message):
+    data = tmp_path / "t.txt"
+    data.write_text("some text\n")
+    fill = {"folder": str(tmp_path), "data": str(data)}
+    argv = [a.format(**fill) for a in argv]
+    code, out, err = _cli(["inspect", str(gpt2_checkpoint), *argv], capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]  # above it, at most the weights' loading bar
+    assert last.startswith("hf-gemact inspect: error: ") and message.format(**fill) in last
+
+
+# ---------------------------------------------------------------- sweep column and the training loop
+
+
+def test_sweep_tables_carry_the_sparsity_of_each_run(tmp_path):
+    from hf_gemact import sweep
+
+    rows = []
+    for act, fractions in {"relu": [(0.5, 0.6), (0.3, 0.4)], "gelu": [(0.0, 0.02), (0.0, 0.04)]}.items():
+        for seed, (zero, near) in enumerate(fractions):
+            run = sweep.Run(act, seed, tmp_path / act / f"seed{seed}")
+            run.output_dir.mkdir(parents=True)
+            run.metrics_path.write_text(json.dumps({
+                "task": "clm", "final": {"perplexity": 20.0 + seed}, "best": {"perplexity": 19.0},
+                "tokens_per_s": 5.0, "activation_sparsity": {"zero_fraction": zero, "near_zero_fraction": near,
+                                                             "near_zero_threshold": 1e-3}}))
+            rows.append(sweep.run_row(run))
+    old = sweep.Run("gem", 0, tmp_path / "gem" / "seed0")  # a run from before the column
+    old.output_dir.mkdir(parents=True)
+    old.metrics_path.write_text(json.dumps({"task": "clm", "final": {"perplexity": 21.0}, "best": {"perplexity": 20.0}}))
+    rows.append(sweep.run_row(old))
+    csv_path, md_path = sweep.write_tables(rows, tmp_path)
+    text = md_path.read_text()
+    assert "| sparsity 0 / near 0 |" in text and "|y| <= 0.001" in text
+    assert text.count("40.0% / 50.0% |") == 1  # relu: mean of (0.5, 0.3) / (0.6, 0.4)
+    assert text.count("0.0% / 3.0% |") == 1  # gelu
+    gem_line = next(line for line in text.splitlines() if "| gem |" in line)
+    assert gem_line.endswith("|  |")
+    import csv
+
+    with open(csv_path) as f:
+        written = {(r["activation"], r["seed"]): r for r in csv.DictReader(f)}
+    assert float(written[("relu", "1")]["near_zero_fraction"]) == 0.4
+    assert written[("gem", "0")]["zero_fraction"] == ""
+
+
+@pytest.fixture
+def fresh_accelerate(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, GradientState
+
+    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path / "hf_gemact_cache"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_training_run_writes_the_sparsity_of_its_first_validation_batches(shared_data, tmp_path, fresh_accelerate):
+    from transformers import AutoTokenizer
+
+    from hf_gemact.stats import SPARSITY_EVAL_BATCHES
+    from hf_gemact.training import run
+
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:20_000])
+    (tmp_path / "valid.txt").write_text(text[-6_000:])
+    out = tmp_path / "out"
+    summary = run("clm", ["--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
+                          "--output_dir", str(out), "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=32",
+                          "--block_size", "32", "--vocab_size", "300", "--activation", "relu",
+                          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+                          "--max_train_steps", "2", "--learning_rate", "3e-3"])
+    got = json.loads((out / "metrics.json").read_text())["activation_sparsity"]
+    assert got == summary["activation_sparsity"]
+    # independently: the validation text as blocks of 32 tokens in order, the first 8 batches of 4
+    tok = AutoTokenizer.from_pretrained(out)
+    model = GPT2LMHeadModel.from_pretrained(out)
+    ids = [t for line in (tmp_path / "valid.txt").read_text().splitlines(keepends=True) for t in tok(line)["input_ids"]]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)[: SPARSITY_EVAL_BATCHES * 4]
+    assert len(blocks) == 32
+    full = collect(model, [{"input_ids": b} for b in blocks.split(4)], mlp_paths(model))
+    ys = [y for _, y in full.values()]
+    values = sum(y.numel() for y in ys)
+    assert got["values"] == values and got["batches"] == SPARSITY_EVAL_BATCHES
+    assert got["zero_fraction"] == sum(int((y == 0).sum()) for y in ys) / values
+    assert got["near_zero_fraction"] == sum(int((y.abs() <= 1e-3).sum()) for y in ys) / values
+    assert got["dead_units"] == sum(int(((y.abs() > 1e-3).sum(0) == 0).sum()) for y in ys)
+    assert got["units"] == 2 * 128 and got["sites"] == 2 and got["near_zero_threshold"] == 1e-3
+    assert 0.2 < got["zero_fraction"] < 0.8

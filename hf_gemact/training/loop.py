@@ -229,6 +229,7 @@ def run(task: str, argv=None) -> dict:
 
     import hf_gemact
     from hf_gemact import metrics as metric_modules
+    from hf_gemact.stats import sparsity_summary
 
     from .args import check_blend, run_flags, trackers
 
@@ -486,6 +487,9 @@ def run(task: str, argv=None) -> dict:
 
     if st["last_eval"] is None or st["last_eval"]["step"] != st["step"]:
         record_eval()
+    # MLP activation sparsity on the first validation batches of every process (hf-gemact sweep's column)
+    sparsity = sparsity_summary(accelerator.unwrap_model(model), eval_dl, forward=model,
+                                reduce=lambda t: accelerator.reduce(t, "sum"))
     if not args.no_save_model:
         stop_if_weights_diverged("the model")
         accelerator.wait_for_everyone()
@@ -514,6 +518,7 @@ def run(task: str, argv=None) -> dict:
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(args.resume_path) if args.resume_path else None,
         "validation_loss_note": "task loss only (no auxiliary loss)",
+        "activation_sparsity": sparsity,
         **{k: v for k, v in setup.info.items() if v is not None},
         "args": _jsonable(args),
         "versions": library_versions(),
