@@ -188,6 +188,8 @@ def test_two_processes_report_the_one_process_loss(corpus, tmp_path):
     two = json.loads((out2 / "metrics.json").read_text())
     assert two["num_processes"] == 2 and two["steps"] == 3
     assert two["tokens_seen"] == 3 * 2 * 4 * 32
+    # sparsity: 8 eval batches of 3 blocks per process, summed over both (1 block, 128 units)
+    assert two["activation_sparsity"]["values"] == 2 * 8 * 3 * 32 * 128
     one = run("clm", text_args(corpus, tmp_path / "one", "--model_name_or_path", str(out2),
                                "--block_size", "32", "--max_train_steps", "0", "--no_save_model"))
     assert one["num_processes"] == 1 and one["steps"] == 0
