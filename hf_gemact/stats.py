@@ -620,7 +620,7 @@ def plot_activation_stats(stats: dict, path, title: str | None = None):
     if not records:
         raise ValueError("plot_activation_stats: no site was called, nothing to plot")
     ys = list(range(len(records)))
-    fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(13, max(3.2, 0.42 * len(records) + 1.8)), sharey=True,
+    fig, (ax_s, ax_q) = plt.subplots(1, 2, figsize=(13, max(3.2, 0.5 * len(records) + 1.8)), sharey=True,
                                      gridspec_kw={"width_ratios": [1, 1.25]})
     _sparsity_panel(ax_s, records, ys)
     _input_panel(ax_q, records, ys, Line2D)
@@ -641,16 +641,16 @@ def _sparsity_panel(ax, records, ys) -> None:
         values = [r[field] for r in records]
         ax.barh([y + offset for y in ys], values, height=0.38, color=color, label=label)
         for y, v in zip(ys, values):
-            ax.text(min(v, 0.8) + 0.01, y + offset, f"{v:.1%}" if v >= 0.01 else f"{v:.2%}", va="center",
-                    fontsize=7)
-    for y, r in zip(ys, records):
-        ax.text(0.99, y, f"dead {r['n_dead_units']}/{r['n_units']}", va="center", ha="right", fontsize=7,
-                color="tab:red" if r["n_dead_units"] else "0.45")
+            text = f"{v:.1%}" if v >= 0.01 else f"{v:.2%}"
+            inside = v > 0.2  # long bars carry their number inside, short ones just after
+            ax.text(v - 0.01 if inside else v + 0.01, y + offset, text, va="center", fontsize=7,
+                    ha="right" if inside else "left", color="white" if inside else "black")
     ax.set_xlim(0, 1)
     ax.set_xlabel("fraction of output values")
     ax.set_title("output sparsity")
     ax.set_yticks(ys)
-    ax.set_yticklabels([r.get("key") or r["path"] for r in records], fontsize=8)
+    ax.set_yticklabels([f"{r.get('key') or r['path']}\ndead units {r['n_dead_units']}/{r['n_units']}" for r in records],
+                       fontsize=8)
     ax.invert_yaxis()
     ax.legend(loc="lower center", fontsize=8, ncol=2, bbox_to_anchor=(0.5, 1.06), frameon=False)
     ax.grid(axis="x", alpha=0.3)
