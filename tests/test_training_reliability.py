@@ -476,7 +476,13 @@ def test_non_finite_loss_stops_the_run_naming_the_step(corpus, tmp_path, capsys)
     assert last.startswith("error: step 2: the training loss became non-finite") and err.count("error:") == 1
     assert f"the last checkpoint, {out / 'step_1'}, is intact" in last
     assert [r["step"] for r in read_log(out)] == [1] and math.isfinite(read_log(out)[0]["loss"])
-    assert sorted(p.name for p in out.iterdir()) == ["hf_gemact_outputs.json", "log.jsonl", "step_1"]
+    assert sorted(p.name for p in out.iterdir()) == ["hf_gemact_outputs.json", "log.jsonl", "metrics.json", "step_1"]
+    # a result for sweeps, not a crash: shown as diverged, never ranked, not re-run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["steps"] == 1 and math.isnan(metrics["final"]["perplexity"])
+    from hf_gemact.sweep import Run, read_result, run_row
+
+    assert run_row(Run("gem", 0, out), read_result(Run("gem", 0, out)))["status"] == "diverged"
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(out / "step_1" / "model.safetensors").values())
@@ -572,7 +578,7 @@ def test_overwrite_removes_only_what_earlier_runs_wrote(legacy, finished_run, co
     (out / "data" / "config.json").write_text("mine too")
     s = run("clm", text_args(corpus, out, *GPT2_TINY, "--max_train_steps", "1", "--overwrite_output_dir",
                              "--no_save_model"))
-    assert sorted(os.listdir(out)) == sorted(["notes.txt", "data", "log.jsonl", "metrics.json",
+    assert sorted(os.listdir(out)) == sorted(["notes.txt", "data", "log.jsonl", "metrics.json", "README.md",
                                               checkpoint.OUTPUTS_FILE])
     assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "config.json").read_text() == "mine too"
     assert json.loads((out / "metrics.json").read_text())["steps"] == s["steps"] == 1

@@ -364,7 +364,8 @@ def validate(args: argparse.Namespace, task: str) -> argparse.Namespace:
     _check_hub(args, out)
     args.resume_path = checkpoint.resolve(args.resume_from_checkpoint, out) if args.resume_from_checkpoint else None
     continuing = args.resume_path is not None and checkpoint.inside(args.resume_path, out)
-    if not continuing and out.is_dir() and any(out.iterdir()):
+    # A run killed with -9 leaves its lock file (not the lock): that alone does not make a folder used.
+    if not continuing and out.is_dir() and any(f.name != ".lock" for f in out.iterdir()):
         if not args.overwrite_output_dir:
             raise UsageError(f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir "
                              "to reuse it, or --resume_from_checkpoint latest to continue the run in it")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -28,8 +27,8 @@ except ImportError:  # pragma: no cover - Windows
 LOCK_NAME = ".lock"
 
 # The locks this process holds, by lock-file path. A process runs one training at a time (accelerate's
-# state is a per-process singleton), so a lock still held here belongs to an earlier run in this
-# process that ended with an exception whose traceback keeps it alive: taking it over is safe.
+# state is a per-process singleton), so a lock still held here belongs to an earlier caller in this
+# process that never released it (training.run releases in a finally): taking it over is safe.
 _held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
 
 
@@ -164,13 +163,13 @@ def holder(output_dir) -> str | None:
     return None
 
 
-def acquire_for_run(accelerator, output_dir) -> RunLock | None:
+def acquire_for_run(accelerator, output_dir, command: str) -> RunLock | None:
     """The training loop's lock: taken by the main process; every process raises the same
     RunLockedError when it is taken, so no rank is left waiting at a barrier."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
-            lock = acquire(output_dir, " ".join(sys.argv))
+            lock = acquire(output_dir, command)
         except RunLockedError as err:
             error = str(err)
     if accelerator.num_processes > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -133,6 +134,13 @@ def _jsonable(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _SECRET_FLAGS}
 
 
+def _write_json(path: Path, obj) -> None:
+    """Written beside and renamed into place: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss or the weights became non-finite; the message names the step."""
 
@@ -222,6 +230,16 @@ def _announce(say, *, examples, eval_examples, epochs, steps_per_epoch, max_step
 def run(task: str, argv=None) -> dict:
     """Parse, check, train, evaluate, save. Returns the metrics.json content. Raises UsageError
     (before any training) on bad input, TrainingDiverged when the loss or weights turn non-finite."""
+    locks = []
+    try:
+        return _run(task, argv, locks)
+    finally:  # now, not when the frame goes (a kept traceback would hold the lock file)
+        for lock in locks:
+            if lock is not None:  # other processes of a multi-process run hold none
+                lock.release()
+
+
+def _run(task: str, argv, locks: list) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
@@ -255,8 +273,8 @@ def run(task: str, argv=None) -> dict:
     from .lock import acquire_for_run
 
     # One writer per output dir: a second run into it stops here, before anything is read or
-    # removed. Held until run() returns (the lock's file closes when this frame goes away).
-    run_lock = acquire_for_run(accelerator, args.output_dir)  # noqa: F841
+    # removed. Held until run() returns.
+    locks.append(acquire_for_run(accelerator, args.output_dir, _command_line()))
     _check_precision(args, accelerator)
     resume_state = _resume_state(args, flags, accelerator, task)
     if args.resume_from_checkpoint == "latest" and resume_state is None:
@@ -376,6 +394,14 @@ def run(task: str, argv=None) -> dict:
 
     def diverged(message: str):
         progress.close()
+        if accelerator.is_main_process:  # a result, not a crash: sweeps show it as diverged
+            nan = {k: float("nan") for k in spec.metric_keys}
+            _write_json(out / "metrics.json", {
+                "task": task, "activation": current_activation(accelerator.unwrap_model(model), args),
+                "status": "diverged", "diverged": message, "steps": st["step"],
+                "final": {"step": st["step"], **nan}, "best": st["best"] or {"step": st["step"], **nan},
+                "args": _jsonable(args), "versions": library_versions(), "command": _command_line()})
+            checkpoint.record_outputs(out, ["metrics.json"])
         accelerator.end_training()
         return TrainingDiverged(message)
 
@@ -525,7 +551,7 @@ def run(task: str, argv=None) -> dict:
         "command": _command_line(),
     }
     if accelerator.is_main_process:
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+        _write_json(out / "metrics.json", summary)
         card = hub.write_model_card(out, accelerator.unwrap_model(model), base_model=args.model_name_or_path,
                                     metrics=summary, task=task)
         checkpoint.record_outputs(out, ["metrics.json", card.name])
