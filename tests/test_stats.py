@@ -344,16 +344,17 @@ def _stored_size(obj, seen=None) -> int:
 
 
 def test_recorder_memory_does_not_grow_with_the_number_of_batches():
-    model = tiny_gpt2("gem")
-    recorder = ActivationRecorder(model)  # 65536 sampled values per site
+    g = torch.Generator().manual_seed(5)
+    batches = [{"x": torch.randn(2, 32, 16, generator=g)} for _ in range(100)]  # 1024 values each
+    recorder = ActivationRecorder(Toy(), sample_size=20000)
     recorder.add_unit_mean("square", lambda site, x: x * x)
-    recorder.run(text_batches(10, seed=5))
+    recorder.run(batches[:10])
     after_10 = _stored_size(recorder)
-    site = recorder[mlp_paths(model)[0]]
-    assert site.sample().numel() == 38400  # 10 batches x 30 real positions x 128 units: filling
-    recorder.run(text_batches(90, seed=6))
+    site = recorder[Toy.path]
+    assert site.sample().numel() == 10240  # still filling
+    recorder.run(batches[10:])
     assert recorder.n_batches == 100
-    assert site.sample().numel() == 65536 and site.reservoir.seen == 384000  # full, replacing
+    assert site.sample().numel() == 20000 and site.reservoir.seen == 102400  # full, replacing
     assert _stored_size(recorder) == after_10
 
 
