@@ -46,7 +46,7 @@ DEFAULT_SAMPLE_SIZE = 65536
 HIST_LOW, HIST_HIGH, BINS_PER_DECADE = 1e-6, 1e6, 200
 # A quantile read from a bin is the bin's geometric centre, so it is within this relative error of
 # the exact order statistic (absolute error < HIST_LOW in the central bin). Bins are assigned with a
-# float32 log10, which can move a value across an edge by about 1e-6 relatively: negligible here.
+# float32 log10, which can move a value across an edge by a few 1e-6 relatively: negligible here.
 QUANTILE_RELATIVE_ERROR = 10 ** (1 / (2 * BINS_PER_DECADE)) - 1  # 0.578 %
 _LOG_LOW = math.log10(HIST_LOW)
 _N_EDGES = round(math.log10(HIST_HIGH / HIST_LOW)) * BINS_PER_DECADE + 1
