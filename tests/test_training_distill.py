@@ -295,22 +295,34 @@ def test_image_update_carries_the_distillation_gradient_of_the_classes(image_fol
 # ----------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("task, extra, message", [
-    ("clm", ["--distill_weight", "1"], "--distill_weight needs --model_name_or_path and --activation"),
-    ("mlm", ["--distill_weight", "1", "--activation", "gem"], "--distill_weight needs --model_name_or_path"),
-    ("image", ["--distill_weight", "1", "--activation", "gem"], "--distill_weight needs --model_name_or_path"),
-    ("clm", ["--distill_weight", "1", "--model_name_or_path", "{ckpt}"], "--distill_weight needs"),  # no surgery
-    ("clm", ["--distill_temperature", "2"], "--distill_temperature 2.0 has no effect without --distill_weight"),
-    ("clm", ["--distill_weight", "-1"], "--distill_weight -1.0: must be a finite number >= 0"),
-    ("clm", ["--distill_weight", "nan"], "--distill_weight nan: must be a finite number >= 0"),
-    ("clm", ["--distill_weight", "1", "--distill_temperature", "0", "--model_name_or_path", "{ckpt}",
-             "--activation", "gem"], "--distill_temperature 0.0: must be a finite number > 0"),
+@pytest.mark.parametrize("task, pretrained, extra, message", [
+    ("clm", False, ["--distill_weight", "1"], "--distill_weight needs --model_name_or_path and --activation"),
+    ("mlm", False, ["--distill_weight", "1", "--activation", "gem"], "--distill_weight needs --model_name_or_path"),
+    ("image", False, ["--distill_weight", "1", "--activation", "gem"], "--distill_weight needs --model_name_or_path"),
+    ("clm", True, ["--distill_weight", "1"], "--distill_weight needs --model_name_or_path and --activation"),
+    ("clm", False, ["--distill_temperature", "2"], "--distill_temperature 2.0 has no effect without --distill_weight"),
+    ("clm", True, ["--activation", "gem", "--distill_weight", "-1"], "--distill_weight -1.0: must be a finite number >= 0"),
+    ("clm", True, ["--activation", "gem", "--distill_weight", "nan"], "--distill_weight nan: must be a finite number >= 0"),
+    ("clm", True, ["--activation", "gem", "--distill_weight", "1", "--distill_temperature", "0"],
+     "--distill_temperature 0.0: must be a finite number > 0"),
 ])
-def test_distillation_without_a_teacher_or_with_bad_numbers_is_refused(task, extra, message, gpt2_checkpoint,
-                                                                      tmp_path, capsys):
+def test_distillation_without_a_teacher_or_with_bad_numbers_is_refused(task, pretrained, extra, message, gpt2_checkpoint,
+                                                                      text_files, image_folders, tmp_path, capsys):
+    """Refused before any work. (Each command names real, tiny data and one step, so that a run
+    which is not refused ends quickly and fails the test.)"""
+    from test_training import BERT_TINY, GPT2_TINY, VIT_TINY
+
     out = tmp_path / "out"
-    argv = ["--output_dir", str(out), *[w.replace("{ckpt}", str(gpt2_checkpoint)) for w in extra]]
-    assert main(task, argv) == 2
+    if pretrained:
+        data = clm_argv(text_files, gpt2_checkpoint, out)
+    elif task == "image":
+        data = ["--train_dir", str(image_folders / "train"), "--validation_dir", str(image_folders / "val"),
+                *VIT_TINY, "--output_dir", str(out)]
+    else:
+        d, _ = text_files
+        data = ["--train_file", str(d / "train.txt"), "--validation_file", str(d / "valid.txt"),
+                *(GPT2_TINY if task == "clm" else BERT_TINY), "--output_dir", str(out)]
+    assert main(task, [*data, "--max_train_steps", "1", "--per_device_train_batch_size", "2", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not out.exists()
