@@ -131,18 +131,32 @@ def text_files(tmp_path_factory, shared_data):
     return d, text[:20_000]
 
 
+def small_tokenizer(text: str, **specials):
+    """A byte-level BPE of 300 tokens trained on `text` (small: datasets hashes the tokenizer each
+    run, and a 50k vocabulary makes that the slowest part of a tiny run)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text.splitlines(keepends=True), vocab_size=300, min_frequency=2,
+                            special_tokens=list(dict.fromkeys(specials.values())), show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **specials)
+
+
 @pytest.fixture(scope="module")
-def gpt2_checkpoint(tmp_path_factory, shared_data):
-    """A tiny GPT-2 (GPT-2's own tokenizer), no dropout; weights wide enough (initializer_range)
-    that its output distributions are far from uniform, so the activation change shows in them."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+def gpt2_checkpoint(tmp_path_factory, text_files):
+    """A tiny GPT-2 with its tokenizer, no dropout; weights wide enough (initializer_range) that its
+    output distributions are far from uniform, so the activation change shows in them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path_factory.mktemp("gpt2_ckpt")
+    end = "<|endoftext|>"
+    tok = small_tokenizer(text_files[1], bos_token=end, eos_token=end, unk_token=end)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=BLOCK, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, initializer_range=0.3)
+    config = GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=BLOCK, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3)
     GPT2LMHeadModel(config).save_pretrained(d)
-    AutoTokenizer.from_pretrained(shared_data / "gpt2-tokenizer").save_pretrained(d)
+    tok.save_pretrained(d)
     return d
 
 
@@ -206,13 +220,13 @@ def test_clm_update_carries_the_distillation_gradient_and_the_teacher_stays_froz
 
 
 @pytest.fixture(scope="module")
-def bert_checkpoint(tmp_path_factory, shared_data):
-    """A tiny BERT masked LM with GPT-2's BPE plus the special tokens masked LM needs."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+def bert_checkpoint(tmp_path_factory, text_files):
+    """A tiny BERT masked LM with a tokenizer that has the special tokens masked LM needs."""
+    from transformers import BertConfig, BertForMaskedLM
 
     d = tmp_path_factory.mktemp("bert_ckpt")
-    tok = AutoTokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
-    tok.add_special_tokens({"mask_token": "<mask>", "cls_token": "<cls>", "sep_token": "<sep>", "pad_token": "<pad>"})
+    tok = small_tokenizer(text_files[1], cls_token="<cls>", sep_token="<sep>", mask_token="<mask>",
+                          pad_token="<pad>", unk_token="<unk>")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=BLOCK, hidden_dropout_prob=0.0,
@@ -332,10 +346,11 @@ def test_a_tokenizer_larger_than_the_teachers_vocabulary_is_refused(gpt2_checkpo
     from transformers import AutoTokenizer
 
     bigger = AutoTokenizer.from_pretrained(gpt2_checkpoint)
+    rows = len(bigger)
     bigger.add_tokens(["<new>"])
     bigger.save_pretrained(tmp_path / "tok")
     out = tmp_path / "out"
-    with pytest.raises(UsageError, match="the tokenizer has 50258 tokens, the checkpoint's vocabulary 50257"):
+    with pytest.raises(UsageError, match=f"the tokenizer has {rows + 1} tokens, the checkpoint's vocabulary {rows}"):
         run("clm", clm_argv(text_files, gpt2_checkpoint, out, *DISTILL, "--tokenizer_name", str(tmp_path / "tok"),
                             "--max_train_steps", "1"))
     assert not (out / "log.jsonl").exists()
