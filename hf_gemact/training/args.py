@@ -49,6 +49,12 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     m.add_argument("--blend_steps", type=int, default=0, help="surgery on a pretrained model: "
                    "blend old -> new activation over the first K optimizer steps, then finalize "
                    "(K may not exceed the run's optimizer steps)")
+    m.add_argument("--distill_weight", type=float, default=0.0, help="surgery on a pretrained model: add W x "
+                   "the KL divergence from the unpatched checkpoint's output distribution (the teacher) to the "
+                   "patched model's, per scored position (0: off)")
+    m.add_argument("--distill_temperature", type=float, default=1.0, help="with --distill_weight: both "
+                   "distributions are softmax(logits / T); the KL is multiplied by T^2 (Hinton et al.) so that "
+                   "its gradients keep their scale")
     m.add_argument("--trust_remote_code", action="store_true", help="allow models, configs, tokenizers "
                    "and processors whose code lives in their folder or hub repository (runs that code)")
     m.add_argument("--ignore_mismatched_sizes", action="store_true", help="load a pretrained checkpoint "
@@ -271,6 +277,11 @@ def check_numbers(args) -> None:
             raise UsageError(f"--{flag} {value}: must be a finite number")
         if value < low or (high is not None and value >= high):
             raise UsageError(f"--{flag} {value}: must be >= {low}" + (f" and < {high}" if high else ""))
+    for flag in ("distill_weight", "distill_temperature"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (flag == "distill_temperature" and value == 0):
+            raise UsageError(f"--{flag} {value}: must be a finite number "
+                             + (">= 0" if flag == "distill_weight" else "> 0"))
     prob = getattr(args, "mlm_probability", None)
     if prob is not None and not 0 < prob < 1:
         raise UsageError(f"--mlm_probability {prob}: must be in (0, 1)")
@@ -282,6 +293,17 @@ def check_blend(args, max_steps: int | None) -> None:
         raise UsageError(f"--blend_steps {args.blend_steps} exceeds the run's {max_steps} optimizer steps: "
                          "the model would be saved half-blended; pass --blend_steps <= "
                          f"{max_steps} (or more --max_train_steps)")
+
+
+def check_distillation(args) -> None:
+    """The teacher is the pretrained checkpoint before surgery: without both there is none."""
+    if args.distill_weight > 0 and not (args.model_name_or_path and args.activation):
+        raise UsageError("--distill_weight needs --model_name_or_path and --activation: the teacher is the "
+                         "pretrained checkpoint before its activations are replaced; pass both, or leave "
+                         "--distill_weight out")
+    if args.distill_weight == 0 and args.distill_temperature != 1.0:
+        raise UsageError(f"--distill_temperature {args.distill_temperature} has no effect without --distill_weight; "
+                         "pass --distill_weight W > 0 too, or leave --distill_temperature out")
 
 
 # Derived or secret: never recorded in checkpoints (hub_token must not land on disk).
@@ -352,6 +374,7 @@ def validate(args: argparse.Namespace, task: str) -> argparse.Namespace:
     if args.blend_steps and not (args.model_name_or_path and args.activation):
         raise UsageError("--blend_steps needs --model_name_or_path and --activation (it blends a "
                          "pretrained model's activation into the new one)")
+    check_distillation(args)
     check_blend(args, args.max_train_steps)
     cs = args.checkpointing_steps
     if cs is not None and cs != "epoch":

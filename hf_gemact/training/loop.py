@@ -2,10 +2,11 @@
 
 One optimizer step = `gradient_accumulation_steps` micro-batches; the training loss is the model's
 own loss, which in training mode holds VeLU's Wasserstein terms (zero for other activations; logged
-apart as aux_loss); validation scores the task loss alone. Outputs in OUTPUT_DIR: log.jsonl (one line
-per logged train/eval event), metrics.json (the run's summary), step_N/ and epoch_N/ checkpoints,
-the final model + tokenizer/processor (save_pretrained) and hf_gemact_outputs.json (what the run
-wrote there, for --overwrite_output_dir).
+apart as aux_loss), plus, with --distill_weight W, W x the distillation term (T^2 x KL from the
+unpatched checkpoint's outputs, logged apart as distill_loss); validation scores the task loss alone.
+Outputs in OUTPUT_DIR: log.jsonl (one line per logged train/eval event), metrics.json (the run's
+summary), step_N/ and epoch_N/ checkpoints, the final model + tokenizer/processor (save_pretrained)
+and hf_gemact_outputs.json (what the run wrote there, for --overwrite_output_dir).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from .. import hub
 from . import checkpoint
 from .args import UsageError, build_parser, validate
-from .tasks import TASKS, current_activation
+from .tasks import TASKS, current_activation, distillation_kl
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -213,7 +214,7 @@ def _prepare_output_dir(args, accelerator) -> Path:
 
 
 def _announce(say, *, examples, eval_examples, epochs, steps_per_epoch, max_steps, per_device, processes, accum,
-              resume_path, start_step) -> None:
+              resume_path, start_step, args) -> None:
     say("***** Running training *****")
     say(f"  examples: {examples} train, {eval_examples} validation")
     say(f"  epochs: {epochs} ({steps_per_epoch} optimizer steps each)")
@@ -223,6 +224,9 @@ def _announce(say, *, examples, eval_examples, epochs, steps_per_epoch, max_step
     say(f"  gradient accumulation steps: {accum}")
     say(f"  optimizer steps: {max_steps}")
     say(f"  processes: {processes}")
+    if args.distill_weight > 0:
+        say(f"  distillation: weight {args.distill_weight:g}, temperature {args.distill_temperature:g}, teacher: "
+            f"{args.model_name_or_path} before surgery")
     if resume_path is not None:
         say(f"  resuming at step {start_step} from {resume_path}")
 
@@ -283,6 +287,10 @@ def _run(task: str, argv, locks: list) -> dict:
     spec = TASKS[task]()
     setup = spec.setup(args, accelerator)  # data, tokenizer, model: every remaining UsageError is raised here
     model = setup.model
+    # The teacher is not passed to prepare(): it has nothing to train, so no DDP/FSDP wrapper (DDP
+    # refuses a model without trainable parameters) and no optimizer; it runs on this process's
+    # device under the run's autocast (see distillation_loss).
+    teacher = setup.teacher.to(accelerator.device) if setup.teacher is not None else None
     blend = args.blend_steps > 0
     if blend and resume_state and resume_state["step"] >= args.blend_steps:
         hf_gemact.set_blend(model, 1.0)  # the checkpoint was saved after the blend was finalized
@@ -324,7 +332,7 @@ def _run(task: str, argv, locks: list) -> dict:
     unit = spec.unit
 
     st = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "units": 0, "train_time_s": 0.0,
-          "best": None, "last_eval": None}
+          "best": None, "last_eval": None, "micro_batches": 0, "distill_loss_sum": 0.0}
     if resume_state:
         problem = None
         try:
@@ -345,7 +353,8 @@ def _run(task: str, argv, locks: list) -> dict:
         st["batches_in_epoch"] = 0
     _announce(say, examples=len(setup.train_dataset), eval_examples=len(setup.eval_dataset), epochs=num_epochs,
               steps_per_epoch=steps_per_epoch, max_steps=max_steps, per_device=args.per_device_train_batch_size,
-              processes=accelerator.num_processes, accum=accum, resume_path=args.resume_path, start_step=st["step"])
+              processes=accelerator.num_processes, accum=accum, resume_path=args.resume_path, start_step=st["step"],
+              args=args)
 
     def evaluate() -> dict:
         model.eval()
@@ -377,16 +386,27 @@ def _run(task: str, argv, locks: list) -> dict:
             st["best"] = rec
         say(f"step {st['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
-    # Per-process sums since the last flush: task loss, aux loss, micro-batches, units (tokens or
-    # samples); flush() adds them up over processes (every process calls it at the same points).
-    local = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    # Per-process sums since the last flush: task loss, aux loss, distillation loss, micro-batches,
+    # units (tokens or samples); flush() adds them up over processes (every process calls it at the
+    # same points) and returns the means of the first three.
+    local = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
 
-    def flush() -> tuple[float, float]:
+    def flush() -> tuple[float, float, float]:
         stats = accelerator.reduce(local.clone(), "sum").tolist()
-        st["units"] += int(stats[3])
+        st["units"] += int(stats[4])
+        st["micro_batches"] += int(stats[3])
+        st["distill_loss_sum"] += stats[2]
         local.zero_()
-        n = max(stats[2], 1.0)
-        return stats[0] / n, stats[1] / n
+        n = max(stats[3], 1.0)
+        return stats[0] / n, stats[1] / n, stats[2] / n
+
+    def distillation_loss(outputs, batch) -> torch.Tensor:
+        """T^2 x KL(teacher || student), averaged over the positions the task loss scores. The
+        teacher runs without a graph; it holds the weights it was loaded with for the whole run."""
+        with torch.no_grad(), accelerator.autocast():
+            teacher_logits = teacher(**spec.inputs(batch)).logits
+        return distillation_kl(spec.scored(outputs.logits, batch), spec.scored(teacher_logits, batch),
+                               args.distill_temperature)
 
     def last_good_checkpoint() -> str:
         found = checkpoint.list_checkpoints(out)
@@ -407,10 +427,11 @@ def _run(task: str, argv, locks: list) -> dict:
 
     def stop_if_loss_diverged(step: int) -> None:
         """Before the optimizer step: a non-finite loss stops the run with that step unapplied."""
-        if on_any_process(not bool(torch.isfinite(local[:2]).all())):
+        if on_any_process(not bool(torch.isfinite(local[:3]).all())):
             raise diverged(
                 f"step {step}: the training loss became non-finite (task loss {local[0].item():.4g}, auxiliary "
-                f"{local[1].item():.4g} summed since the last log line); stopped before applying the step, "
+                f"{local[1].item():.4g}, distillation {local[2].item():.4g} summed since the last log line); "
+                "stopped before applying the step, "
                 f"nothing of it was saved; {last_good_checkpoint()}. Lower --learning_rate or check the data")
 
     def stop_if_weights_diverged(what: str) -> None:
@@ -459,9 +480,14 @@ def _run(task: str, argv, locks: list) -> dict:
                     outputs = model(**batch)
                     # In training mode outputs.loss already holds VeLU's W2 terms (integration.py);
                     # auxiliary_loss adds only terms no returned loss took (0 here), never one twice.
-                    accelerator.backward((outputs.loss + hf_gemact.auxiliary_loss(model)) / len(group))
+                    loss = outputs.loss + hf_gemact.auxiliary_loss(model)
+                    distill = torch.zeros((), device=loss.device)
+                    if teacher is not None:  # a mean per micro-batch, as the task loss: the same weight per step
+                        distill = distillation_loss(outputs, batch)
+                        loss = loss + args.distill_weight * distill
+                    accelerator.backward(loss / len(group))
                 aux = hf_gemact.recorded_aux_loss(model).detach().double()
-                local += torch.stack([outputs.loss.detach().double() - aux, aux,
+                local += torch.stack([outputs.loss.detach().double() - aux, aux, distill.detach().double(),
                                       torch.ones((), dtype=torch.float64, device=local.device),
                                       torch.tensor(float(spec.units(batch)), dtype=torch.float64,
                                                    device=local.device)])
@@ -480,10 +506,12 @@ def _run(task: str, argv, locks: list) -> dict:
             now = time.perf_counter()
             train_time += now - tick
             if step % args.logging_steps == 0 or step == max_steps:
-                task_loss, aux_loss = flush()
-                rec = {"step": step, "split": "train", "loss": task_loss + aux_loss, "task_loss": task_loss,
-                       "aux_loss": aux_loss, "lr": scheduler.get_last_lr()[0],
-                       "epoch": round(step / steps_per_epoch, 4), unit: st["units"],
+                task_loss, aux_loss, distill_loss = flush()
+                optimised = task_loss + aux_loss + args.distill_weight * distill_loss
+                rec = {"step": step, "split": "train", "loss": optimised,
+                       "task_loss": task_loss, "aux_loss": aux_loss,
+                       **({"distill_loss": distill_loss} if teacher is not None else {}),
+                       "lr": scheduler.get_last_lr()[0], "epoch": round(step / steps_per_epoch, 4), unit: st["units"],
                        f"{unit}_per_s": throughput()}
                 log.write(rec)
                 progress.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -543,7 +571,11 @@ def _run(task: str, argv, locks: list) -> dict:
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(args.resume_path) if args.resume_path else None,
-        "validation_loss_note": "task loss only (no auxiliary loss)",
+        "validation_loss_note": "task loss only (no auxiliary or distillation loss)",
+        "distillation": ({"weight": args.distill_weight, "temperature": args.distill_temperature,
+                          "teacher": args.model_name_or_path,
+                          "mean_loss": st["distill_loss_sum"] / max(st["micro_batches"], 1)}
+                         if teacher is not None else None),
         "activation_sparsity": sparsity,
         **{k: v for k, v in setup.info.items() if v is not None},
         "args": _jsonable(args),

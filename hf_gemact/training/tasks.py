@@ -29,6 +29,7 @@ class Setup:
     processor: Any  # tokenizer or image processor, saved beside the model
     collate_fn: Callable | None = None
     info: dict = field(default_factory=dict)  # extra facts for metrics.json
+    teacher: torch.nn.Module | None = None  # --distill_weight: the checkpoint before surgery
 
 
 # ----------------------------------------------------------------------------- model / config
@@ -90,6 +91,9 @@ def _load_pretrained_weights(auto_class, args, config, **kwargs):
 
 
 def build_model(auto_class, args, config, **kwargs):
+    """(model, surgery report, teacher): the teacher (--distill_weight) is a copy of the loaded
+    checkpoint taken before surgery, so that it holds exactly the weights the student starts from,
+    a freshly initialised head included, with the old activations."""
     if args.model_name_or_path:
         model = _load_pretrained_weights(auto_class, args, config, **kwargs)
         if args.activation:
@@ -98,10 +102,46 @@ def build_model(auto_class, args, config, **kwargs):
             if not hasattr(hf_gemact, "patch_activations"):
                 raise UsageError("--activation on a pretrained model needs hf_gemact.patch_activations "
                                  "(model surgery), which this installation lacks")
+            teacher = frozen_copy(model) if args.distill_weight > 0 else None
             report = hf_gemact.patch_activations(model, args.activation, blend=args.blend_steps > 0)
-            return model, report
-        return model, None
-    return auto_class.from_config(config, trust_remote_code=args.trust_remote_code), None
+            return model, report, teacher
+        return model, None, None
+    return auto_class.from_config(config, trust_remote_code=args.trust_remote_code), None, None
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy that never trains: eval mode (no dropout), no parameter asks for a gradient."""
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def check_teacher_vocabulary(teacher, tokenizer_size: int) -> None:
+    """A tokenizer larger than the checkpoint's vocabulary makes the student grow new output rows
+    that the teacher has no probability for: the two distributions would not be comparable."""
+    if teacher is None:
+        return
+    rows = teacher.get_input_embeddings().weight.shape[0]
+    if tokenizer_size > rows:
+        raise UsageError(f"--distill_weight: the tokenizer has {tokenizer_size} tokens, the checkpoint's vocabulary "
+                         f"{rows}; the teacher cannot score the added tokens. Use the checkpoint's own tokenizer "
+                         "(leave --tokenizer_name out), or leave --distill_weight out")
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher || student) of softmax(logits / T), summed over the classes and averaged
+    over the rows (the scored positions); float32 whatever the logits' precision. T^2 keeps the
+    gradient's scale as T changes (Hinton et al. 2015: the gradient of the softened KL shrinks
+    as 1/T^2)."""
+    t = temperature
+    if student_logits.shape[0] == 0:  # nothing scored in this micro-batch: a zero that keeps the graph
+        return student_logits.float().sum() * 0.0
+    log_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_row = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    return per_row.mean() * (t * t)
 
 
 def current_activation(model, args) -> str | None:
@@ -201,17 +241,25 @@ class CausalLM:
             config.vocab_size = len(tokenizer)
             config.bos_token_id = tokenizer.bos_token_id
             config.eos_token_id = tokenizer.eos_token_id
-        model, report = build_model(AutoModelForCausalLM, args, config)
+        model, report, teacher = build_model(AutoModelForCausalLM, args, config)
+        check_teacher_vocabulary(teacher, len(tokenizer))
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
         train, val = _select(lm["train"], args.max_train_samples), _select(lm["validation"], args.max_eval_samples)
         train.set_format("torch")
         val.set_format("torch")
-        return Setup(model, train, val, tokenizer,
+        return Setup(model, train, val, tokenizer, teacher=teacher,
                      info={"block_size": block, "text_column": column, "surgery": _report(report)})
 
     def units(self, batch) -> int:
         return batch["input_ids"].numel()
+
+    def inputs(self, batch) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def scored(self, logits, batch) -> torch.Tensor:
+        """The next-token predictions the task loss scores: position i predicts label i + 1."""
+        return logits[:, :-1][batch["labels"][:, 1:] != -100]
 
     def eval_batch(self, model, batch) -> dict:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -356,17 +404,25 @@ class MaskedLM:
         if not args.model_name_or_path:
             config.vocab_size = vocab
             config.pad_token_id = tokenizer.pad_token_id
-        model, report = build_model(AutoModelForMaskedLM, args, config)
+        model, report, teacher = build_model(AutoModelForMaskedLM, args, config)
+        check_teacher_vocabulary(teacher, vocab)
         if vocab > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab)
         train = MaskedTrainSet(_select(lm["train"], args.max_train_samples), args.seed, prob, mask_id, vocab)
         val.set_format("torch")
         return Setup(model, train, val, tokenizer, collate_fn=pad_collate(pad_id if pad_id is not None else 0),
-                     info={"max_seq_length": seq, "eval_mask_seed": eval_seed, "line_by_line": args.line_by_line,
+                     teacher=teacher, info={"max_seq_length": seq, "eval_mask_seed": eval_seed, "line_by_line": args.line_by_line,
                            "text_column": column, "surgery": _report(report)})
 
     def units(self, batch) -> int:
         return int(batch["attention_mask"].sum())
+
+    def inputs(self, batch) -> dict:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def scored(self, logits, batch) -> torch.Tensor:
+        """The masked positions (the only ones the task loss scores)."""
+        return logits[batch["labels"] != -100]
 
     def eval_batch(self, model, batch) -> dict:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -485,16 +541,22 @@ class ImageClassification:
                                return_tensors="pt")["pixel_values"]
             return {"pixel_values": pixels, "labels": torch.as_tensor(batch[label_col], dtype=torch.long)}
 
-        model, report = build_model(AutoModelForImageClassification, args, config)
+        model, report, teacher = build_model(AutoModelForImageClassification, args, config)
         train = _select(raw["train"], args.max_train_samples).with_transform(transform)
         val = _select(raw["validation"], args.max_eval_samples).with_transform(transform)
         if len(train) == 0 or len(val) == 0:
             raise UsageError("the training or validation image set is empty")
-        return Setup(model, train, val, processor,
+        return Setup(model, train, val, processor, teacher=teacher,
                      info={"labels": names, "image_channels": channels, "surgery": _report(report)})
 
     def units(self, batch) -> int:
         return batch["labels"].shape[0]
+
+    def inputs(self, batch) -> dict:
+        return {"pixel_values": batch["pixel_values"]}
+
+    def scored(self, logits, batch) -> torch.Tensor:
+        return logits  # one class distribution per image
 
     def eval_batch(self, model, batch) -> dict:
         logits = model(pixel_values=batch["pixel_values"]).logits
