@@ -1,10 +1,10 @@
 """hf_gemact: GEM / E-GEM / SE-GEM and VeLU activations for HuggingFace Transformers.
 
 Importing the package makes every activation name of the grammar (see `registry`) resolvable
-through `transformers.activations.ACT2FN`, so `config.hidden_act = "gem"` just works.
+through `transformers.activations.ACT2FN`, so `config.hidden_act = "gem"` just works; integration.py
+lists every change the import makes to transformers and PEFT.
 """
 
-from . import registry as _registry
 from .functional import gem, velu, wasserstein_aux_loss
 from .fused import fast_path_enabled, set_fast_path
 from .modules import GEM, VeLU, auxiliary_loss, recorded_aux_loss
@@ -22,13 +22,11 @@ from .registry import (
 
 __version__ = "0.1.0"
 
-_registry.install()
+from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend
+from .stats import activation_stats, plot_activation_stats  # matplotlib only when plotting
+from . import integration as _integration
 
-from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend  # noqa: E402
-from .stats import activation_stats, plot_activation_stats  # noqa: E402  (matplotlib only when plotting)
-from . import integration as _integration  # noqa: E402
-
-_integration.install()
+_integration.install()  # every change hf_gemact makes to transformers and PEFT (integration.py)
 
 __all__ = [
     "GEM", "VeLU", "gem", "velu", "wasserstein_aux_loss", "auxiliary_loss", "recorded_aux_loss", "set_fast_path", "fast_path_enabled",

@@ -1,12 +1,17 @@
-"""What `import hf_gemact` changes in transformers and PEFT, so that stock training code is right.
+"""Every change `import hf_gemact` makes to transformers and PEFT, in one place; `install()` (called
+by `hf_gemact/__init__.py`) makes them, each at most once.
 
-* Models holding VeLU add its auxiliary W2 terms to the `loss` they return in training mode, as
-  Mixtral adds its router loss: any loop that back-propagates `outputs.loss` (Trainer, accelerate,
-  PEFT, DDP, torch.compile) trains with the term, and eval-mode losses stay the task loss alone.
+* `ACT2FN[name]`, `name in ACT2FN` and `get_activation(name)` resolve every name of the registry's
+  grammar (no built-in entry is added or changed).
+* `PreTrainedModel._initialize_weights` gives VeLU's `lam` its initial value when a checkpoint lacks it.
+* `PreTrainedModel.post_init` rebuilds the activations a config records (surgery's
+  hf_gemact_activations / hf_gemact_blend) before the weights load, and gives a model that holds VeLU
+  the hook that adds its auxiliary W2 terms to the `loss` it returns in training mode (aux_loss.py).
 * `from_pretrained` loads checkpoints written when VeLU's `lam` was a 0-dim tensor.
 * Trainer puts no weight decay on activation parameters (VeLU's `lam`), as for LayerNorm and bias.
 * PEFT adapters record the activation patch of the model they were trained on, and loading one
-  onto a base that lacks that patch fails with the fix (PEFT is patched when it is imported).
+  onto a base that lacks that patch fails with the fix.
+Trainer and PEFT are patched right after they are imported (they cost seconds to import).
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from .aux_loss import ensure_aux_hook, fold_auxiliary_loss
 from .modules import GEM, VeLU
+from .patches import recipe_for
+from .registry import UnknownActivationError, is_activation_name, parse_activation
+from .surgery import BLEND_ATTR, RECORD_ATTR, BlendedActivation, apply_config_record
 
 _MARK = "_hf_gemact"
 
@@ -30,94 +38,81 @@ def _mark(fn, original):
     return fn
 
 
-# ------------------------------------------------------------------------ auxiliary loss in `loss`
+# ------------------------------------------------------------------------------ ACT2FN and names
 
 
-def _output_loss(output, kwargs):
-    if isinstance(output, dict):
-        return output.get("loss")
-    if isinstance(output, tuple) and output and kwargs.get("labels") is not None:
-        first = output[0]  # return_dict=False puts the loss first when labels are given
-        if torch.is_tensor(first) and first.dim() == 0:
-            return first
-    return None
+def _install_act2fn() -> None:
+    """Teach transformers' ACT2FN the grammar without adding or changing any built-in entry."""
+    from transformers import activations
 
-
-def _with_loss(output, loss):
-    if isinstance(output, dict):
-        output["loss"] = loss
-        return output
-    return (loss, *output[1:])
-
-
-def _counted_labels(model, kwargs):
-    """The labels Trainer counts for `num_items_in_batch`, by its own rule: `shift_labels` when
-    given, labels[..., 1:] when the model's loss is transformers' causal-LM loss, else labels."""
-    if kwargs.get("shift_labels") is not None:
-        return kwargs["shift_labels"]
-    labels = kwargs.get("labels")
-    if labels is None:
-        return None
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-    except ImportError:  # transformers < 4.46 counts every label
-        return labels
-    shifts = (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
-              and not getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    return labels[..., 1:] if shifts else labels
-
-
-def _micro_batch_weight(model, kwargs):
-    """1, or this micro-batch's share of an accumulation window when the loss is normalised by
-    `num_items_in_batch` (Trainer then does not divide by the accumulation steps): the term keeps
-    the same weight per optimizer step whatever the accumulation."""
-    total = kwargs.get("num_items_in_batch")
-    labels = _counted_labels(model, kwargs) if total is not None else None
-    if labels is None:
-        return 1.0
-    count = labels.ne(-100).sum()
-    if torch.is_tensor(total):
-        return count / total.to(count.device).clamp_min(1)
-    return count / max(int(total), 1)
-
-
-def fold_auxiliary_loss(model, args, kwargs, output):
-    """Forward hook of models holding VeLU: in training mode, a returned loss takes over the W2
-    terms recorded during this forward pass (each module then holds no graph)."""
-    if not model.training:
-        return None
-    loss = _output_loss(output, kwargs)
-    if loss is None:
-        return None
-    terms = [t for t in (m.take_aux_loss() for m in model.modules() if isinstance(m, VeLU)) if t is not None]
-    if not terms:
-        return None
-    aux = torch.stack([t.float() for t in terms]).sum() * _micro_batch_weight(model, kwargs)
-    return _with_loss(output, loss + aux.to(loss.dtype))
-
-
-def ensure_aux_hook(model: nn.Module) -> None:
-    """Give `model` the fold hook once, if it holds a VeLU module (surgery calls this too)."""
-    if getattr(model, "_hf_gemact_aux_hook", None) is not None:
+    base = type(activations.ACT2FN)
+    if getattr(base, _MARK, False):
         return
-    if any(isinstance(m, VeLU) for m in model.modules()):
-        model._hf_gemact_aux_hook = model.register_forward_hook(fold_auxiliary_loss, with_kwargs=True)
+
+    class GemactClassInstantier(base):
+        _hf_gemact = True
+
+        def __missing__(self, key):
+            try:
+                spec = parse_activation(key)
+            except UnknownActivationError as err:
+                builtin = ", ".join(sorted(dict.keys(self)))
+                raise UnknownActivationError(f"{err}\nBuilt into transformers: {builtin}.") from None
+            return spec.module_class, spec.module_kwargs
+
+        def __contains__(self, key):
+            return dict.__contains__(self, key) or is_activation_name(key)
+
+    activations.ACT2FN.__class__ = GemactClassInstantier
+
+    def get_activation(activation_string):
+        """transformers' get_activation, whose KeyError for a bad name now shows the grammar."""
+        return activations.ACT2FN[activation_string]
+
+    activations.get_activation = get_activation
 
 
-def _install_aux_hook() -> None:
+# ------------------------------------------------------------------------- model construction
+
+
+def _install_init_hook() -> None:
+    """Give learnable activation parameters their initial value whenever transformers initialises
+    weights that a checkpoint lacks (its `_init_weights` does not know these modules)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+    if getattr(original, _MARK, False):
+        return
+
+    def _initialize_weights(self, module, *args, **kwargs):
+        if (
+            isinstance(module, VeLU)
+            and not getattr(module, "_is_hf_initialized", False)
+            and not getattr(module.lam, "_is_hf_initialized", False)
+        ):
+            module.reset_parameters()
+        return original(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = _mark(_initialize_weights, original)
+
+
+def _install_post_init() -> None:
+    """Every model construction (from_config, from_pretrained, plain __init__): the config's
+    recorded activations are rebuilt before transformers initialises and loads weights, and a model
+    holding VeLU gets the auxiliary-loss hook afterwards."""
     from transformers import PreTrainedModel
 
     original = PreTrainedModel.post_init
-    if getattr(original, _MARK, False) == "aux":
+    if getattr(original, _MARK, False):
         return
 
     def post_init(self, *args, **kwargs):
+        apply_config_record(self)
         result = original(self, *args, **kwargs)
         ensure_aux_hook(self)
         return result
 
     PreTrainedModel.post_init = _mark(post_init, original)
-    post_init._hf_gemact = "aux"
 
 
 # -------------------------------------------------------------------- loading VeLU's old 0-dim lam
@@ -154,8 +149,6 @@ def _install_scalar_lam_loading() -> None:
 
 def activation_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in model.named_parameters()) of the parameters of activation modules."""
-    from .surgery import BlendedActivation
-
     names = set()
     for prefix, module in model.named_modules():
         if isinstance(module, (GEM, VeLU, BlendedActivation)):
@@ -188,9 +181,6 @@ class AdapterBaseMismatchError(ValueError):
 def activation_record(model: nn.Module) -> dict:
     """The config fields that define a model's activations (family attribute and hf_gemact's
     per-site records); empty when hf_gemact has not touched the model."""
-    from .patches import recipe_for
-    from .surgery import BLEND_ATTR, RECORD_ATTR
-
     config = getattr(model, "config", None)
     if config is None:
         return {}
@@ -301,7 +291,13 @@ def _after_import(name: str, patch) -> None:
 
 
 def install() -> None:
-    _install_aux_hook()
+    _install_act2fn()
+    _install_init_hook()
+    _install_post_init()
     _install_scalar_lam_loading()
     _after_import("transformers.trainer", _patch_trainer)
     _after_import("peft", _patch_peft)
+
+
+__all__ = ["ADAPTER_RECORD", "AdapterBaseMismatchError", "activation_parameter_names", "activation_record",
+           "check_adapter_base", "ensure_aux_hook", "fold_auxiliary_loss", "install"]

@@ -4,7 +4,7 @@ Grammar:  FAMILY ( "_" KEY VALUE )*      e.g. gem_n3, egem_n2_eps1e-4, segem_n1_
           velu_alpha2_beta11_beta20.7 (key and value are written together; keys are listed below).
 
 Any such name resolves without prior registration, through `parse_activation`, and once
-`hf_gemact` is imported also through transformers' `ACT2FN[name]`, `name in ACT2FN` and
+`hf_gemact` is imported also through transformers' `ACT2FN[name]` (integration.py teaches it), `name in ACT2FN` and
 `get_activation(name)`. Names never contain "," or "=" (transformers' `update_from_string` splits
 on them). Parameters left out take the family defaults; `format_activation` writes the shortest
 canonical name (only the parameters that differ from the defaults).
@@ -168,70 +168,22 @@ def is_activation_name(name) -> bool:
     return True
 
 
+def name_of_module(module) -> str | None:
+    """The canonical name of the activation an hf_gemact module computes (the inverse of
+    `parse_activation(name).build()`), or None when no family builds a module with its settings."""
+    for family, fam in FAMILIES.items():
+        if fam.module is not type(module):
+            continue
+        keyed = {kw for kw, _ in fam.keys.values()}
+        if any(getattr(module, kw) != value for kw, value in fam.defaults.items() if kw not in keyed):
+            continue  # e.g. a GEM with eps != 1 is not a "gem" (eps is no key of that family)
+        params = tuple((kw, getattr(module, kw)) for kw, _ in fam.keys.values())
+        return format_activation(ActivationSpec(family, params))
+    return None
+
+
 def make_activation(name: str):
     """Any registry name -> a fresh nn.Module. Transformers' built-in names work too."""
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
-
-
-# ----------------------------------------------------------------------------- transformers hooks
-
-
-def _install_act2fn() -> None:
-    """Teach transformers' ACT2FN the grammar without adding or changing any built-in entry."""
-    from transformers import activations
-
-    base = type(activations.ACT2FN)
-    if getattr(base, "_hf_gemact", False):
-        return
-
-    class GemactClassInstantier(base):
-        _hf_gemact = True
-
-        def __missing__(self, key):
-            try:
-                spec = parse_activation(key)
-            except UnknownActivationError as err:
-                builtin = ", ".join(sorted(dict.keys(self)))
-                raise UnknownActivationError(f"{err}\nBuilt into transformers: {builtin}.") from None
-            return spec.module_class, spec.module_kwargs
-
-        def __contains__(self, key):
-            return dict.__contains__(self, key) or is_activation_name(key)
-
-    activations.ACT2FN.__class__ = GemactClassInstantier
-
-    def get_activation(activation_string):
-        """transformers' get_activation, whose KeyError for a bad name now shows the grammar."""
-        return activations.ACT2FN[activation_string]
-
-    activations.get_activation = get_activation
-
-
-def _install_init_hook() -> None:
-    """Give learnable activation parameters their initial value whenever transformers initialises
-    weights that a checkpoint lacks (its `_init_weights` does not know these modules)."""
-    from transformers import PreTrainedModel
-
-    original = PreTrainedModel._initialize_weights
-    if getattr(original, "_hf_gemact", False):
-        return
-
-    def _initialize_weights(self, module, *args, **kwargs):
-        if (
-            isinstance(module, VeLU)
-            and not getattr(module, "_is_hf_initialized", False)
-            and not getattr(module.lam, "_is_hf_initialized", False)
-        ):
-            module.reset_parameters()
-        return original(self, module, *args, **kwargs)
-
-    _initialize_weights._hf_gemact = True
-    PreTrainedModel._initialize_weights = _initialize_weights
-
-
-def install() -> None:
-    _install_act2fn()
-    _install_init_hook()
-

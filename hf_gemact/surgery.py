@@ -16,7 +16,7 @@ How a patch is recorded in the config (see docs/SURGERY.md):
     sites that read the same attribute but were not patched). A site key is the module path
     relative to the base model (``h.10.mlp.act``), or the full path for sites outside it;
   * ``config.hf_gemact_blend = {site key: {"from": old name, "t": t}}`` lists blended sites.
-  A hook on ``PreTrainedModel.post_init`` (installed by ``import hf_gemact``) rebuilds the recorded
+  A hook on ``PreTrainedModel.post_init`` (installed by ``import hf_gemact``, integration.py) rebuilds the recorded
   sites whenever a model is constructed from such a config, before the weights are loaded, so
   ``from_pretrained`` and ``from_config`` give exactly the patched architecture.
 """
@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .aux_loss import ensure_aux_hook
 from .modules import GEM, VeLU
-from .registry import UnknownActivationError, format_activation, is_activation_name, make_activation, parse_activation
+from .registry import (UnknownActivationError, format_activation, is_activation_name, make_activation, name_of_module,
+                       parse_activation)
 
 RECORD_ATTR = "hf_gemact_activations"
 BLEND_ATTR = "hf_gemact_blend"
@@ -204,17 +206,9 @@ def guess_name(module: nn.Module, prefer=()) -> str | None:
     marker = getattr(module, _NAME, None)
     if marker:
         return marker
-    if isinstance(module, (GEM, VeLU)):
-        from .registry import ActivationSpec
-
-        for family, fam in _families().items():
-            if fam.module is not type(module):
-                continue
-            keyed = {kw for kw, _ in fam.keys.values()}
-            if any(getattr(module, kw) != value for kw, value in fam.defaults.items() if kw not in keyed):
-                continue
-            params = tuple((kw, getattr(module, kw)) for kw, _ in fam.keys.values())
-            return format_activation(ActivationSpec(family, params))
+    name = name_of_module(module)  # GEM / VeLU from their settings
+    if name is not None:
+        return name
     for name in [*prefer, *_builtin_names()]:
         if not isinstance(name, str):
             continue
@@ -224,12 +218,6 @@ def guess_name(module: nn.Module, prefer=()) -> str | None:
         except Exception:
             continue
     return None
-
-
-def _families():
-    from .registry import FAMILIES
-
-    return FAMILIES
 
 
 def canonical_name(name: str) -> str:
@@ -639,8 +627,6 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         setattr(s.parent, s.attr, new)
         changes.append(SiteChange(s.path, s.block, s.role, old_name, name, 0.0 if blend else None))
     _sync_config(model, state)
-    from .integration import ensure_aux_hook
-
     ensure_aux_hook(model)
     return SurgeryReport("patch" + (" (blend)" if blend else ""), recipe.family, changes)
 
@@ -966,22 +952,6 @@ def apply_config_record(model: nn.Module) -> int:
     return changed
 
 
-def install_load_hook() -> None:
-    from transformers import PreTrainedModel
-
-    original = PreTrainedModel.post_init
-    if getattr(original, "_hf_gemact", False):
-        return
-
-    def post_init(self, *args, **kwargs):
-        apply_config_record(self)
-        return original(self, *args, **kwargs)
-
-    post_init._hf_gemact = True
-    post_init.__wrapped__ = original
-    PreTrainedModel.post_init = post_init
-
-
 # ------------------------------------------------------------------------------------------ drift
 
 
@@ -1060,5 +1030,3 @@ __all__ = [
     "apply_config_record", "find_sites", "finalize_blend", "get_blend", "guess_name",
     "patch_activations", "restore_activations", "set_blend",
 ]
-
-install_load_hook()

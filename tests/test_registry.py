@@ -127,7 +127,7 @@ def test_builtin_entries_are_untouched():
 def test_import_is_idempotent():
     import importlib
 
-    from hf_gemact import registry
+    from hf_gemact import integration as registry  # install() moved from the registry (issue 15.3)
 
     registry.install()
     registry.install()
