@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # module path -> that module defines `add_subcommands(subparsers)`; each subparser sets `func`.
@@ -17,6 +18,16 @@ COMMAND_MODULES = [
 class CommandError(Exception):
     """A failure the user can fix (a bad path, flag value or checkpoint): `main` prints its message,
     one line naming the path or flag and the problem, and returns 2."""
+
+
+# NAME or ORG/NAME: what from_pretrained and load_dataset take for an id on the Hub
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?\Z")
+
+
+def one_line(err) -> str:
+    """An error's message on one line of at most 300 characters, for a CommandError."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _failure(err: BaseException):

@@ -122,26 +122,6 @@ def _hub_id(base_model) -> str | None:
     return text
 
 
-def _site_rows(model) -> list[dict]:
-    """Every activation site: path, block, role, current activation name, what it was patched from
-    (in this process, or the old branch of a blend) and the blend t."""
-    from .surgery import _STATE, BlendedActivation, find_sites, guess_name
-    from .surgery_cli import describe_sites
-
-    rows = describe_sites(model)
-    modules = {s.path: s.module for s in find_sites(model)}
-    state = model.__dict__.get(_STATE)
-    for row in rows:
-        module = modules[row["path"]]
-        row["from"], row["t"] = None, None
-        if isinstance(module, BlendedActivation):
-            row["from"], row["t"] = module.old_name, module.t
-        elif state is not None and state.originals.get(row["path"], module) is not module:
-            prefer = [state.orig_attr_value] if state.attr else []
-            row["from"] = guess_name(state.originals[row["path"]], prefer)
-    return rows
-
-
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -252,11 +232,12 @@ def write_model_card(folder, model, *, base_model=None, metrics=None, task=None)
     of `metrics` (the content of metrics.json). Returns the card's path."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .surgery import _unwrap
+    from .surgery import site_history
+    from .surgery.wrappers import _unwrap
 
     folder = Path(folder)
     model, _ = _unwrap(model, "write_model_card")
-    rows = _site_rows(model)
+    rows = site_history(model)
     names = []
     for r in rows:
         names += [n for n in (r["name"], r["from"]) if isinstance(n, str) and n not in names]
