@@ -5,10 +5,14 @@ through `transformers.activations.ACT2FN`, so `config.hidden_act = "gem"` just w
 lists every change the import makes to transformers and PEFT.
 """
 
-from .functional import gem, velu, wasserstein_aux_loss
-from .fused import fast_path_enabled, set_fast_path
-from .modules import GEM, VeLU, auxiliary_loss, recorded_aux_loss
-from .registry import (
+from ._source_checkout import map_recipes as _map_recipes
+
+_map_recipes()  # hf_gemact.patches also when this is a source checkout that is not installed
+
+from .functional import gem, velu, wasserstein_aux_loss  # noqa: E402
+from .fused import fast_path_enabled, set_fast_path  # noqa: E402
+from .modules import GEM, VeLU, auxiliary_loss, recorded_aux_loss  # noqa: E402
+from .registry import (  # noqa: E402
     FAMILIES,
     PRESETS,
     ActivationSpec,
@@ -22,9 +26,9 @@ from .registry import (
 
 __version__ = "0.1.0"
 
-from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend
-from .stats import activation_stats, plot_activation_stats  # matplotlib only when plotting
-from . import integration as _integration
+from .surgery import activation_drift, finalize_blend, patch_activations, restore_activations, set_blend  # noqa: E402
+from .stats import activation_stats, plot_activation_stats  # noqa: E402  (matplotlib only when plotting)
+from . import integration as _integration  # noqa: E402
 
 _integration.install()  # every change hf_gemact makes to transformers and PEFT (integration.py)
 

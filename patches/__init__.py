@@ -1,14 +1,14 @@
 """Per-family activation-surgery recipes (shipped as ``hf_gemact.patches``).
 
-One module per family, each with a ``RECIPE`` and an ``apply_<family>`` function; ``recipe_for``
-maps a model's ``config.model_type`` to its recipe and falls back to the generic one.
+A recipe is data (``generic.Recipe``): the family's name, the config attributes its MLP activation
+is built from, and the rule that tells an MLP activation from the other activations of a block.
+One module per family holds its recipe and says where that family keeps its MLP activation;
+``MODEL_TYPE_TO_RECIPE`` is the one map from ``config.model_type`` to a recipe, and ``recipe_for``
+falls back to the generic recipe for any other type.
 """
 
 from . import bert, generic, gpt2, vit
-from .bert import apply_bert
-from .generic import Recipe, apply_generic
-from .gpt2 import apply_gpt2
-from .vit import apply_vit
+from .generic import GENERIC_CONFIG_ATTRS, Recipe
 
 MODEL_TYPE_TO_RECIPE = {
     "gpt2": gpt2.RECIPE,
@@ -22,5 +22,4 @@ def recipe_for(model) -> Recipe:
     return MODEL_TYPE_TO_RECIPE.get(model_type, generic.RECIPE)
 
 
-__all__ = ["MODEL_TYPE_TO_RECIPE", "Recipe", "recipe_for", "apply_bert", "apply_generic",
-           "apply_gpt2", "apply_vit"]
+__all__ = ["GENERIC_CONFIG_ATTRS", "MODEL_TYPE_TO_RECIPE", "Recipe", "recipe_for"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-# Config attributes that transformers models read their feed-forward activation from.
+# Config attributes that transformers models read their feed-forward activation from (the one list:
+# the training tasks read it too).
 GENERIC_CONFIG_ATTRS = ("hidden_act", "activation_function", "activation", "hidden_activation",
                         "dense_act_fn", "ffn_activation", "act_fn")
 
@@ -21,6 +22,15 @@ GENERIC_CONFIG_ATTRS = ("hidden_act", "activation_function", "activation", "hidd
 def _no_attention_between(parent, child_name: str, path_in_block: str) -> bool:
     parts = path_in_block.lower().split(".")
     return not any("attn" in p or "attention" in p for p in parts)
+
+
+def parent_class_ends_with(*suffixes: str) -> Callable:
+    """The rule of families whose MLP activation is an attribute of a module whose class name ends
+    in one of `suffixes` (``GPT2MLP``, ``BertIntermediate``)."""
+    def is_mlp(parent, child_name: str, path_in_block: str) -> bool:
+        return type(parent).__name__.endswith(suffixes)
+
+    return is_mlp
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,3 @@ class Recipe:
 
 
 RECIPE = Recipe("generic")
-
-
-def apply_generic(model, act, **kwargs):
-    """patch_activations with the generic recipe (any family whose MLP uses ACT2FN)."""
-    from hf_gemact.surgery import patch_activations
-
-    return patch_activations(model, act, recipe=RECIPE, **kwargs)

@@ -3,18 +3,6 @@ transformers < 5.9 holds it in ``ViTIntermediate.intermediate_act_fn``, >= 5.9 i
 ``ViTMLP.activation_fn``; both are found by the module's role (class name ending in
 ``Intermediate`` or ``MLP``). The pooler activation (``config.pooler_act``) is a head site."""
 
-from .generic import Recipe
+from .generic import Recipe, parent_class_ends_with
 
-
-def _in_ffn(parent, child_name, path_in_block):
-    name = type(parent).__name__
-    return name.endswith("Intermediate") or name.endswith("MLP")
-
-
-RECIPE = Recipe("vit", is_mlp=_in_ffn, config_attrs=("hidden_act",))
-
-
-def apply_vit(model, act, **kwargs):
-    from hf_gemact.surgery import patch_activations
-
-    return patch_activations(model, act, recipe=RECIPE, **kwargs)
+RECIPE = Recipe("vit", is_mlp=parent_class_ends_with("Intermediate", "MLP"), config_attrs=("hidden_act",))
