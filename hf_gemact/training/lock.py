@@ -17,7 +17,7 @@ import time
 import weakref
 from pathlib import Path
 
-from .args import UsageError
+from .errors import UsageError
 
 try:
     import fcntl
