@@ -24,9 +24,9 @@ from pathlib import Path
 from torch import nn
 
 from .aux_loss import ensure_aux_hook, fold_auxiliary_loss
-from .modules import GEM, VeLU
+from .modules import VeLU
 from .patches import recipe_for
-from .registry import UnknownActivationError, is_activation_name, parse_activation
+from .registry import UnknownActivationError, is_activation_name, module_classes, parse_activation
 from .surgery import BLEND_ATTR, RECORD_ATTR, BlendedActivation, apply_config_record
 
 _MARK = "_hf_gemact"
@@ -151,7 +151,7 @@ def activation_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in model.named_parameters()) of the parameters of activation modules."""
     names = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, (GEM, VeLU, BlendedActivation)):
+        if isinstance(module, (*module_classes(), BlendedActivation)):
             names.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters())
     return names
 
@@ -185,7 +185,7 @@ def activation_record(model: nn.Module) -> dict:
     if config is None:
         return {}
     touched = (getattr(config, RECORD_ATTR, None) or getattr(config, BLEND_ATTR, None)
-               or any(isinstance(m, (GEM, VeLU)) for m in model.modules()))
+               or any(isinstance(m, module_classes()) for m in model.modules()))
     if not touched:
         return {}
     fields = [a for a in recipe_for(model).config_attrs if isinstance(getattr(config, a, None), str)]

@@ -22,24 +22,29 @@ _NUMBER_RE = re.compile(_NUMBER + r"\Z")
 
 
 @dataclass(frozen=True)
-class _Family:
-    module: type
+class Family:
+    """One activation family of the grammar (docs/ARCHITECTURE.md, "Adding an activation")."""
+
+    module: type  # the nn.Module class; its constructor checks the values (ValueError)
     keys: dict  # name key -> (module kwarg, type)
-    defaults: dict  # module kwarg -> default value
+    defaults: dict  # module kwarg -> default value, for every constructor argument
     doc: str
+
+
+_Family = Family  # the name before it was public
 
 
 # N = 2 is the paper's choice for transformers; small eps (1e-4) its choice for deep networks and
 # larger transformers; SE-GEM's CIFAR-10 result used eps = 1e-4. See README's presets table.
-FAMILIES: dict[str, _Family] = {
-    "gem": _Family(GEM, {"n": ("n", int)}, {"n": 2, "eps": 1.0, "a": 0.0},
+FAMILIES: dict[str, Family] = {
+    "gem": Family(GEM, {"n": ("n", int)}, {"n": 2, "eps": 1.0, "a": 0.0},
                    "GEM: x^(2N+1)/(1+x^(2N)) for x>0, else 0"),
-    "egem": _Family(GEM, {"n": ("n", int), "eps": ("eps", float)}, {"n": 2, "eps": 1e-4, "a": 0.0},
+    "egem": Family(GEM, {"n": ("n", int), "eps": ("eps", float)}, {"n": 2, "eps": 1e-4, "a": 0.0},
                     "E-GEM: x^(2N+1)/(eps+x^(2N)) for x>0, else 0"),
-    "segem": _Family(GEM, {"n": ("n", int), "eps": ("eps", float), "a": ("a", float)},
+    "segem": Family(GEM, {"n": ("n", int), "eps": ("eps", float), "a": ("a", float)},
                      {"n": 2, "eps": 1e-4, "a": 0.01},
                      "SE-GEM: E-GEM for x>=0, a*x^(2N+1)/(eps+x^(2N)) for x<0"),
-    "velu": _Family(
+    "velu": Family(
         VeLU,
         {"alpha": ("alpha", float), "beta1": ("beta1", float), "beta2": ("beta2", float),
          "gamma": ("gamma", float), "mu": ("mu", float), "eps": ("eps", float),
@@ -111,7 +116,7 @@ def _format_number(value) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def _split_token(name, family: _Family, token: str):
+def _split_token(name, family: Family, token: str):
     # Longest key first, so that a future key that prefixes another still parses (beta1 vs beta).
     for key in sorted(family.keys, key=len, reverse=True):
         if token.startswith(key) and _NUMBER_RE.match(token[len(key):]):
@@ -166,6 +171,11 @@ def is_activation_name(name) -> bool:
     except (KeyError, ValueError):
         return False
     return True
+
+
+def module_classes() -> tuple:
+    """The nn.Module classes of every family (GEM, VeLU, ...), each once."""
+    return tuple(dict.fromkeys(family.module for family in FAMILIES.values()))
 
 
 def name_of_module(module) -> str | None:

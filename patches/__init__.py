@@ -8,7 +8,7 @@ falls back to the generic recipe for any other type.
 """
 
 from . import bert, generic, gpt2, vit
-from .generic import GENERIC_CONFIG_ATTRS, Recipe
+from .generic import GENERIC_CONFIG_ATTRS, Recipe, parent_class_ends_with
 
 MODEL_TYPE_TO_RECIPE = {
     "gpt2": gpt2.RECIPE,
@@ -22,4 +22,4 @@ def recipe_for(model) -> Recipe:
     return MODEL_TYPE_TO_RECIPE.get(model_type, generic.RECIPE)
 
 
-__all__ = ["GENERIC_CONFIG_ATTRS", "MODEL_TYPE_TO_RECIPE", "Recipe", "recipe_for"]
+__all__ = ["GENERIC_CONFIG_ATTRS", "MODEL_TYPE_TO_RECIPE", "Recipe", "parent_class_ends_with", "recipe_for"]

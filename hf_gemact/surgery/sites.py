@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..modules import GEM, VeLU
+from ..modules import VeLU
 from ..patches import recipe_for
-from ..registry import format_activation, make_activation, name_of_module, parse_activation
+from ..registry import format_activation, make_activation, module_classes, name_of_module, parse_activation
 from .blend import BlendedActivation
 from .errors import LayerSelectionError
 
@@ -20,7 +20,7 @@ _NAME = "_hf_gemact_name"  # marker on every activation module this package inst
 def _activation_types() -> tuple:
     from transformers.activations import ACT2FN
 
-    types = {GEM, VeLU, BlendedActivation}
+    types = {*module_classes(), BlendedActivation}
     for value in dict.values(ACT2FN):
         cls = value[0] if isinstance(value, tuple) else value
         if isinstance(cls, type):
