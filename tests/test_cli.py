@@ -167,8 +167,6 @@ def test_killed_mid_write_leaves_dst_as_it_was(src, tmp_path):
 
 def _broken(kind: str, src: Path, tmp_path: Path) -> tuple[Path, str]:
     """A path of the given broken kind, and text the one-line error must contain."""
-    import shutil
-
     if kind == "missing":
         return tmp_path / "no_such_checkpoint", "no such folder"
     if kind == "file":

@@ -171,16 +171,6 @@ def test_fsdp2_two_processes_train_and_resume_like_one(fsdp_run, eager_only, act
 # ----------------------------------------------------------------------------- the documented 2-process launch
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
-    """Tiny Shakespeare slices, as in test_training.py."""
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text(text[:40_000])
-    (d / "valid.txt").write_text(text[-6_000:])
-    return d
-
-
 TRAIN_SAMPLES = 24  # one epoch = 6 steps of 2 processes x 2 blocks
 
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import hf_gemact
-from hf_gemact import hub
 from hf_gemact.hub import HubError, push_folder, staged_files, write_model_card
 
 transformers = pytest.importorskip("transformers")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shakespeare_split
 from hf_gemact.training import UsageError, lock, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,25 +21,12 @@ TINY = ["--config_overrides", "n_layer=1,n_embd=32,n_head=2,n_positions=32", "--
         "300", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--no_save_model"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(tmp_path_factory, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
-    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path_factory.getbasetemp() / "hf_gemact_cache"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, shared_data):
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("lock_corpus")
-    (d / "train.txt").write_text(text[:20_000])
-    (d / "valid.txt").write_text(text[-4_000:])
-    return d
+    return shakespeare_split(tmp_path_factory, shared_data, "lock_corpus", 20_000, 4_000)
 
 
 def data_args(corpus):

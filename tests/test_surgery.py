@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 import torch
-import transformers
 from packaging import version
 from torch import nn
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import shakespeare_split
 from hf_gemact.plotting import is_png
 
 TINY_CLM = ["--config_overrides", "n_layer=1,n_embd=32,n_head=2,n_positions=32", "--block_size", "32",
@@ -25,11 +26,7 @@ TINY_CLM = ["--config_overrides", "n_layer=1,n_embd=32,n_head=2,n_positions=32",
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, shared_data):
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("sweep_corpus")
-    (d / "train.txt").write_text(text[:20_000])
-    (d / "valid.txt").write_text(text[-4_000:])
-    return d
+    return shakespeare_split(tmp_path_factory, shared_data, "sweep_corpus", 20_000, 4_000)
 
 
 def sweep_command(corpus: Path, out: Path, activations=("gelu", "gem_n2"), seeds=("0", "1"), options=(),

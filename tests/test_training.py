@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,26 +24,7 @@ BERT_TINY = ["--config_overrides", "hidden_size=32,num_hidden_layers=1,num_atten
 VIT_TINY = ["--config_overrides", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(tmp_path_factory, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
-    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path_factory.getbasetemp() / "hf_gemact_cache"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
-    """A small real corpus: slices of tiny Shakespeare (train) and of its end (validation)."""
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text(text[:40_000])
-    (d / "valid.txt").write_text(text[-6_000:])
-    return d
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 def text_args(corpus, out, *extra):
@@ -260,8 +240,8 @@ def test_mlm_end_to_end_and_fixed_validation_masks(corpus, tmp_path):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    b = run("mlm", text_args(corpus, tmp_path / "b", *BERT_TINY, "--activation", "velu", "--max_train_steps", "2",
-                             "--seed", "2"))
+    run("mlm", text_args(corpus, tmp_path / "b", *BERT_TINY, "--activation", "velu", "--max_train_steps", "2",
+                         "--seed", "2"))
     assert a["task"] == "mlm" and a["activation"] == "gem" and a["eval_mask_seed"] == 1234
     # the saved model scored here, without the training code, on the documented validation masks
     ref, masked = independent_mlm_loss(tmp_path / "a", corpus / "valid.txt", 32)

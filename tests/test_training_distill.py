@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import hf_gemact
 from hf_gemact.training import UsageError, main, run
+from conftest import reset_accelerate_state as _reset_accelerate
 from test_training import read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,19 +35,7 @@ ONE_INVERTIBLE_STEP = ["--max_train_steps", "1", "--learning_rate", "1", "--adam
 DISTILL = ["--activation", "gem", "--distill_weight", str(WEIGHT), "--distill_temperature", str(TEMPERATURE)]
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path_factory.getbasetemp() / "hf_gemact_cache"))
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 # ----------------------------------------------------------------------------- the independent computation

@@ -20,16 +20,7 @@ TINY = ["--config_overrides", "n_layer=1,n_embd=32,n_head=2,n_positions=32", "--
         "--learning_rate", "3e-3", "--logging_steps", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(tmp_path_factory, monkeypatch):
-    from accelerate.state import AcceleratorState, GradientState
-
-    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path_factory.getbasetemp() / "hf_gemact_cache"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import math
 import os
 import shutil
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import reset_accelerate_state as _reset_accelerate
 from hf_gemact.training import UsageError, checkpoint, main, run
 from hf_gemact.training.args import build_parser, validate
 from test_training import BERT_TINY, GPT2_TINY, VIT_TINY, read_log, text_args
@@ -26,28 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLM_RUN = [*GPT2_TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--eval_steps", "2"]
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HF_GEMACT_CACHE", str(tmp_path_factory.getbasetemp() / "hf_gemact_cache"))
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("corpus")
-    (d / "train.txt").write_text(text[:40_000])
-    (d / "valid.txt").write_text(text[-6_000:])
-    return d
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")
