@@ -288,9 +288,7 @@ def plot_activation_stats(stats: dict, path, title: str | None = None):
     """PNG with one row per site: the zero and near-zero fractions of the output, labelled, with
     the dead units (left), and the input's quantiles (right: 1-99 % line, 5-95 % bar, 25-75 % box,
     median tick, mean dot)."""
-    from pathlib import Path
-
-    from .plotting import _pyplot
+    from .plotting import _pyplot, _save
 
     plt = _pyplot()
     from matplotlib.lines import Line2D
@@ -305,12 +303,7 @@ def plot_activation_stats(stats: dict, path, title: str | None = None):
     _input_panel(ax_q, records, ys, Line2D)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def _sparsity_panel(ax, records, ys) -> None:

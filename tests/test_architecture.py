@@ -256,3 +256,13 @@ def test_adding_a_model_family_as_documented(monkeypatch, tmp_path):
     assert [type(b.ffn.act).__name__ for b in loaded.layers] == ["GEM"] * 3
     assert [type(b.gate.act).__name__ for b in loaded.layers] == [type(ACT2FN["gelu"]).__name__] * 3
     assert torch.equal(loaded(x), patched)
+
+
+def test_every_subpackage_is_shipped():
+    """pyproject's explicit package list names every folder of hf_gemact that holds modules (a
+    regular install leaves an unlisted one out)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in REPO.glob("hf_gemact/**/__init__.py")}
+    assert folders | {"hf_gemact.patches"} == listed

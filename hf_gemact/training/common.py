@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from ..patches import recipe_for
 from ..surgery import patch_activations
 from .errors import UsageError
+from .task_table import TASKS as TASK_TABLE
+
+
+class Task:
+    """What the loop asks of a task: `setup`, `units`, `inputs`, `scored`, `eval_batch`; `name` picks
+    its row of task_table.TASKS, which says by which metric its best evaluation is chosen."""
+
+    name: str
+
+    @property
+    def best_key(self) -> str:
+        return TASK_TABLE[self.name].best_metric
+
+    @property
+    def greater_is_better(self) -> bool:
+        return TASK_TABLE[self.name].higher_is_better
 
 
 @dataclass

@@ -6,9 +6,8 @@ import numpy as np
 import torch
 
 from . import data
-from .common import Setup, _select, build_config, build_model, per_example_ce, pretrained, surgery_note
+from .common import Setup, Task, _select, build_config, build_model, per_example_ce, pretrained, surgery_note
 from .errors import UsageError
-from .task_table import TASKS as TASK_TABLE
 
 
 VIT_DEFAULTS = dict(image_size=28, patch_size=7, num_channels=1, hidden_size=192, num_hidden_layers=6,
@@ -40,9 +39,8 @@ def _first(columns, names, flag):
     raise UsageError(f"no column among {names} in {columns}; pass {flag}")
 
 
-class ImageClassification:
+class ImageClassification(Task):
     name, unit = "image", "samples"
-    best_key, greater_is_better = TASK_TABLE["image"].best_metric, TASK_TABLE["image"].higher_is_better
     metric_keys = ("loss", "accuracy")
 
     def setup(self, args, accelerator) -> Setup:

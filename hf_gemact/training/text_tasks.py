@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .common import (Setup, _select, build_config, build_model, check_teacher_vocabulary, per_example_ce,
+from .common import (Setup, Task, _select, build_config, build_model, check_teacher_vocabulary, per_example_ce,
                      pretrained, surgery_note)
 from .errors import UsageError
-from .task_table import TASKS as TASK_TABLE
 
 
 def load_tokenizer(args, raw, column, task):
@@ -78,9 +77,8 @@ def _text_model(auto_class, args, config, tokenizer, **token_ids):
     return model, report, teacher
 
 
-class CausalLM:
+class CausalLM(Task):
     name, unit = "clm", "tokens"
-    best_key, greater_is_better = TASK_TABLE["clm"].best_metric, TASK_TABLE["clm"].higher_is_better
     metric_keys = ("loss", "perplexity")
 
     def setup(self, args, accelerator) -> Setup:
@@ -185,9 +183,8 @@ def pad_collate(pad_id: int):
     return collate
 
 
-class MaskedLM:
+class MaskedLM(Task):
     name, unit = "mlm", "tokens"
-    best_key, greater_is_better = TASK_TABLE["mlm"].best_metric, TASK_TABLE["mlm"].higher_is_better
     metric_keys = ("loss", "perplexity")
 
     def setup(self, args, accelerator) -> Setup:
