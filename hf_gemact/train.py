@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from .training.args import TASKS
+from .training.task_table import TASKS
 
 USAGE = (f"usage: python -m hf_gemact.train {{{','.join(TASKS)}}} --output_dir OUT [flags]\n"
-         "  clm: causal LM (GPT-2 family), mlm: masked LM (BERT family), image: image classification (ViT "
-         "family)\n  `python -m hf_gemact.train TASK --help` lists the flags; docs/TRAINING.md explains them.")
+         f"  {', '.join(f'{name}: {info.about}' for name, info in TASKS.items())}\n"
+         "  `python -m hf_gemact.train TASK --help` lists the flags; docs/TRAINING.md explains them.")
 
 
 def main(argv=None) -> int:
