@@ -12,6 +12,7 @@ canonical name (only the parameters that differ from the defaults).
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -34,25 +35,29 @@ class Family:
 _Family = Family  # the name before it was public
 
 
+def constructor_defaults(module_class: type) -> dict:
+    """Every keyword argument of a module's constructor with its default: the family defaults are
+    the module's own, written once (in its signature)."""
+    return {name: p.default for name, p in inspect.signature(module_class.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+_GEM = constructor_defaults(GEM)  # n = 2, eps = 1, a = 0: GEM itself
+_VELU_KEYS = {"alpha": ("alpha", float), "beta1": ("beta1", float), "beta2": ("beta2", float),
+              "gamma": ("gamma", float), "mu": ("mu", float), "eps": ("eps", float),
+              "ot": ("lambda_ot", float), "dim": ("dim", int)}
+
 # N = 2 is the paper's choice for transformers; small eps (1e-4) its choice for deep networks and
 # larger transformers; SE-GEM's CIFAR-10 result used eps = 1e-4. See README's presets table.
 FAMILIES: dict[str, Family] = {
-    "gem": Family(GEM, {"n": ("n", int)}, {"n": 2, "eps": 1.0, "a": 0.0},
-                   "GEM: x^(2N+1)/(1+x^(2N)) for x>0, else 0"),
-    "egem": Family(GEM, {"n": ("n", int), "eps": ("eps", float)}, {"n": 2, "eps": 1e-4, "a": 0.0},
-                    "E-GEM: x^(2N+1)/(eps+x^(2N)) for x>0, else 0"),
+    "gem": Family(GEM, {"n": ("n", int)}, _GEM, "GEM: x^(2N+1)/(1+x^(2N)) for x>0, else 0"),
+    "egem": Family(GEM, {"n": ("n", int), "eps": ("eps", float)}, {**_GEM, "eps": 1e-4},
+                   "E-GEM: x^(2N+1)/(eps+x^(2N)) for x>0, else 0"),
     "segem": Family(GEM, {"n": ("n", int), "eps": ("eps", float), "a": ("a", float)},
-                     {"n": 2, "eps": 1e-4, "a": 0.01},
-                     "SE-GEM: E-GEM for x>=0, a*x^(2N+1)/(eps+x^(2N)) for x<0"),
-    "velu": Family(
-        VeLU,
-        {"alpha": ("alpha", float), "beta1": ("beta1", float), "beta2": ("beta2", float),
-         "gamma": ("gamma", float), "mu": ("mu", float), "eps": ("eps", float),
-         "ot": ("lambda_ot", float), "dim": ("dim", int)},
-        {"alpha": 0.1, "beta1": 0.1, "beta2": 0.1, "gamma": 0.1, "mu": 0.9, "eps": 1e-6,
-         "lambda_ot": 0.1, "dim": -1},
-        "VeLU: lam*x*sigmoid(alpha*(atan(beta1 x)+asin(beta2 x)))*(1+gamma*tanh(mu/rms(x)))",
-    ),
+                    {**_GEM, "eps": 1e-4, "a": 0.01},
+                    "SE-GEM: E-GEM for x>=0, a*x^(2N+1)/(eps+x^(2N)) for x<0"),
+    "velu": Family(VeLU, _VELU_KEYS, constructor_defaults(VeLU),
+                   "VeLU: lam*x*sigmoid(alpha*(atan(beta1 x)+asin(beta2 x)))*(1+gamma*tanh(mu/rms(x)))"),
 }
 
 PRESETS = ("gem", "gem_n1", "gem_n2", "egem", "segem", "velu")
