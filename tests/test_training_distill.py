@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import hf_gemact
 from hf_gemact.training import UsageError, main, run
 from conftest import reset_accelerate_state as _reset_accelerate
+from conftest import shakespeare_split
 from test_training import read_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,11 +114,8 @@ def captured(monkeypatch):
 
 @pytest.fixture(scope="module")
 def text_files(tmp_path_factory, shared_data):
-    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("distill_text")
-    (d / "train.txt").write_text(text[:20_000])
-    (d / "valid.txt").write_text(text[-3_000:])
-    return d, text[:20_000]
+    d = shakespeare_split(tmp_path_factory, shared_data, "distill_text", 20_000, 3_000)
+    return d, (d / "train.txt").read_text()
 
 
 def small_tokenizer(text: str, **specials):

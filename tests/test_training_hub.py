@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shakespeare_split
 from hf_gemact import hub
 from hf_gemact.training import checkpoint, run
 
@@ -25,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory, shared_data):
-    corpus = (shared_data / "text" / "tinyshakespeare.txt").read_text()
-    d = tmp_path_factory.mktemp("text")
-    (d / "train.txt").write_text(corpus[:30_000])
-    (d / "valid.txt").write_text(corpus[-5_000:])
+    d = shakespeare_split(tmp_path_factory, shared_data, "text", 30_000, 5_000)
     return ["--train_file", str(d / "train.txt"), "--validation_file", str(d / "valid.txt")]
 
 
