@@ -14,6 +14,28 @@ COMMAND_MODULES = [
 ]
 
 
+class CommandError(Exception):
+    """A failure the user can fix (a bad path, flag value or checkpoint): `main` prints its message,
+    one line naming the path or flag and the problem, and returns 2."""
+
+
+def _failure(err: BaseException):
+    """(one-line message, exit code) for the errors a command is expected to raise, else None:
+    unexpected errors (bugs) keep their traceback."""
+    from .hub import HubError
+    from .registry import UnknownActivationError
+    from .surgery import SurgeryError
+
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    if isinstance(err, UnknownActivationError):
+        return f"{lines[0]} (hf_gemact.grammar_help() lists the name grammar)", 2
+    if isinstance(err, (CommandError, SurgeryError)):
+        return " ".join(" ".join(lines).split()), 2
+    if isinstance(err, HubError):  # the environment failed, not the input
+        return " ".join(" ".join(lines).split()), 1
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-gemact", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -24,8 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except Exception as err:
+        failure = _failure(err)
+        if failure is None:
+            raise
+        message, code = failure
+        print(f"hf-gemact {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, so that errors raised as hf_gemact.cli.CommandError by the
+    # subcommands are the class main() catches (under -m this file is also loaded as __main__)
+    sys.exit(importlib.import_module("hf_gemact.cli").main())

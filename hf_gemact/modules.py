@@ -3,8 +3,11 @@ auxiliary-loss bookkeeping. Names and presets live in `registry.py`."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -48,8 +51,10 @@ class GEM(nn.Module):
 class VeLU(nn.Module):
     """VeLU (Shakarami et al., arXiv 2504.15051) as the authors' code computes it.
 
-    Per call the module records `lambda_ot * W2^2` of its pre-scale output y against N(0, 1);
-    `hf_gemact.auxiliary_loss(model)` sums those records of the model's last forward pass.
+    Per call the module records `lambda_ot * W2^2` of its pre-scale output y against N(0, 1). A
+    transformers model in training mode adds the records of its forward pass to the `loss` it
+    returns (see `integration.fold_auxiliary_loss`); `hf_gemact.auxiliary_loss(model)` returns the
+    records that no returned loss holds yet (models called without labels).
     """
 
     def __init__(
@@ -74,20 +79,57 @@ class VeLU(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise ValueError(f"dim must be an integer, got {dim!r}")
         self.dim = int(dim)
-        self.lam = nn.Parameter(torch.ones(()))
+        # Shape (1,), not (): FSDP (fully_shard and FSDP1) cannot shard a 0-dim parameter.
+        self.lam = nn.Parameter(torch.ones(1))
+        # The last call's term: `pending_aux_loss` differentiable until a loss takes it over (or a
+        # backward runs through it), `last_aux_loss` always detached, for logging.
+        self.pending_aux_loss: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        self._aux_taken = self._aux_watched = False
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.lam.fill_(1.0)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before lam became shape (1,) hold it as a 0-dim tensor.
+        key = prefix + "lam"
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, mean, std = F.velu(
-            x, self.lam, self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
+            x, self.lam.view(()), self.alpha, self.beta1, self.beta2, self.gamma, self.mu, self.eps, self.dim,
             return_stats=True,
         )
-        self.last_aux_loss = F.wasserstein_aux_loss(mean, std, self.lambda_ot)
+        self._record_aux_loss(F.wasserstein_aux_loss(mean, std, self.lambda_ot))
         return out
+
+    def _record_aux_loss(self, term: torch.Tensor) -> None:
+        watched = self.training and term.requires_grad and not torch.compiler.is_compiling()
+        if watched:
+            _warn_if_dropped(self)
+            # Once a backward has run through the term, the module lets go of its graph.
+            term.register_hook(functools.partial(_release_aux, weakref.ref(self)))
+        self.pending_aux_loss = term
+        self.last_aux_loss = term.detach()
+        self._aux_taken, self._aux_watched = False, watched
+
+    def clear_aux_loss(self) -> None:
+        self.pending_aux_loss = self.last_aux_loss = None
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """The pending term, handed to a loss that now holds it (the module keeps no graph)."""
+        term, self.pending_aux_loss = self.pending_aux_loss, None
+        return term
+
+    def __getstate__(self):
+        # A recorded term is part of an autograd graph, which copy.deepcopy and pickle refuse; a copy
+        # (EMA model, frozen teacher) starts with no record, as a fresh module does.
+        state = super().__getstate__()
+        state["pending_aux_loss"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (
@@ -96,10 +138,56 @@ class VeLU(nn.Module):
         )
 
 
+def _release_aux(module_ref, grad):
+    module = module_ref()
+    if module is not None:
+        module.pending_aux_loss = None
+
+
+_dropped_warned = False
+
+
+def _warn_if_dropped(module: VeLU) -> None:
+    """Warn once when the previous training-mode term reached neither a model's loss nor
+    auxiliary_loss() before the next call: the W2 term then silently drops out of training."""
+    global _dropped_warned
+    previous = module.pending_aux_loss
+    if _dropped_warned or previous is None or not module._aux_watched or module._aux_taken or module.lambda_ot == 0:
+        return
+    _dropped_warned = True
+    warnings.warn(
+        "VeLU's auxiliary W2 loss of the previous training forward reached no loss: the model returned "
+        "no loss (no labels given, or Trainer's label smoothing / compute_loss_func computed it outside "
+        "the model) and hf_gemact.auxiliary_loss(model) was not called. Add "
+        "hf_gemact.auxiliary_loss(model) to the loss you back-propagate (or use velu_ot0 to train "
+        "without the term).", RuntimeWarning, stacklevel=3)
+
+
+def _velu_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, VeLU)]
+
+
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:
-    """Differentiable sum of the auxiliary terms of the model's last forward pass (0 if none)."""
-    terms = [m.last_aux_loss for m in model.modules() if getattr(m, "last_aux_loss", None) is not None]
+    """Differentiable sum of the VeLU terms of the model's last forward pass that no returned loss
+    holds yet (0 if none). A transformers model in training mode called with labels already adds
+    its terms to `outputs.loss`, so `model(**batch).loss + auxiliary_loss(model)` never counts a
+    term twice; call this when you compute the loss from logits."""
+    terms = []
+    for m in _velu_modules(model):
+        if m.pending_aux_loss is not None:
+            terms.append(m.pending_aux_loss.float())
+            m._aux_taken = True
     if terms:
-        return torch.stack([t.float() for t in terms]).sum()
+        return torch.stack(terms).sum()
+    param = next(model.parameters(), None)
+    return torch.zeros((), device=param.device if param is not None else None)
+
+
+def recorded_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Detached sum of every VeLU term recorded by the model's last forward pass, whether a returned
+    loss holds it or not: for logging the auxiliary part of a training loss."""
+    terms = [m.last_aux_loss.float() for m in _velu_modules(model) if m.last_aux_loss is not None]
+    if terms:
+        return torch.stack(terms).sum()
     param = next(model.parameters(), None)
     return torch.zeros((), device=param.device if param is not None else None)

@@ -30,7 +30,7 @@ class _Family:
 
 
 # N = 2 is the paper's choice for transformers; small eps (1e-4) its choice for deep networks and
-# larger transformers; SE-GEM's CIFAR-10 result used eps = 1e-4. See docs/ACTIVATIONS.md.
+# larger transformers; SE-GEM's CIFAR-10 result used eps = 1e-4. See README's presets table.
 FAMILIES: dict[str, _Family] = {
     "gem": _Family(GEM, {"n": ("n", int)}, {"n": 2, "eps": 1.0, "a": 0.0},
                    "GEM: x^(2N+1)/(1+x^(2N)) for x>0, else 0"),

@@ -24,7 +24,10 @@ How a patch is recorded in the config (see docs/SURGERY.md):
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -80,10 +83,19 @@ class BlendedActivation(nn.Module):
     def extra_repr(self) -> str:
         return f"t={self.t:g}, {self.old_name} -> {self.new_name}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written after finalize_blend holds the new branch's parameters at the site
+        # itself (`act.lam`); a run resumed from it rebuilds the blend first (BlendCallback).
+        for name, _ in self.new.named_parameters():
+            flat, branch = prefix + name, prefix + "new." + name
+            if flat in state_dict and branch not in state_dict:
+                state_dict[branch] = state_dict.pop(flat)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def _clear_aux(module):
-    if getattr(module, "last_aux_loss", None) is not None:
-        module.last_aux_loss = None
+    if isinstance(module, VeLU):
+        module.clear_aux_loss()
 
 
 def _check_t(t) -> float:
@@ -445,6 +457,86 @@ class SurgeryReport:
     __repr__ = __str__
 
 
+# ---------------------------------------------------------------------------------- wrapped models
+
+
+def _is_hf_model(module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
+
+
+def _peel(module):
+    """Strip DataParallel / DistributedDataParallel / torch.compile wrappers (any nesting); returns
+    (inner module, whether a DistributedDataParallel was among them)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "OptimizedModule", ())
+    ddp = False
+    while True:
+        if isinstance(module, DistributedDataParallel):
+            ddp, module = True, module.module
+        elif isinstance(module, nn.DataParallel):
+            module = module.module
+        elif compiled and isinstance(module, compiled):
+            module = module._orig_mod
+        else:
+            return module, ddp
+
+
+def _outermost_hf_models(module, path=""):
+    found = []
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        child_path = f"{path}.{name}" if path else name
+        if _is_hf_model(child):
+            found.append((child_path, child))
+        else:
+            found += _outermost_hf_models(child, child_path)
+    return found
+
+
+def _unwrap(model: nn.Module, caller: str):
+    """The transformers model that `caller` should work on, and whether it sits under a
+    DistributedDataParallel. DataParallel, DDP and torch.compile wrappers are stripped; a custom
+    wrapper that holds exactly one transformers model (as an attribute, at any depth) is replaced by
+    it, so the patch is recorded in that model's config. Anything else is returned unchanged."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner, ddp = _peel(model)
+    if _is_hf_model(inner):
+        return inner, ddp
+    found = _outermost_hf_models(inner)
+    if len(found) > 1:
+        paths = ", ".join(path for path, _ in found)
+        raise SurgeryError(
+            f"{caller}: {type(inner).__name__} holds {len(found)} transformers models ({paths}); pass "
+            f"the one you mean, e.g. hf_gemact.{caller}(wrapper.{found[0][0]}, ...)")
+    if not found:
+        return inner, ddp
+    ddp = ddp or any(isinstance(m, DistributedDataParallel) for m in inner.modules())
+    return _peel(found[0][1])[0], ddp
+
+
+def _has_parameters(module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _refuse_parameter_change_under_ddp(caller, ddp, added=(), removed=()):
+    """DDP registers its parameters when it is built: a parameter added later is never synchronised
+    and one removed later breaks its reducer, so an activation change that adds or removes
+    parameters (VeLU's lam) must happen before the model is wrapped."""
+    if not ddp or not any(_has_parameters(m) for m in (*added, *removed)):
+        return
+    raise SurgeryError(
+        f"{caller} on a DistributedDataParallel model would add or remove activation parameters "
+        f"after DDP registered its parameters (they would not be synchronised across processes): call "
+        f"hf_gemact.{caller}(model, ...) on the model before wrapping it in DistributedDataParallel "
+        f"(or before accelerator.prepare), then wrap it again")
+
+
 # -------------------------------------------------------------------------------------- public API
 
 
@@ -470,6 +562,14 @@ def _build(name: str, ref) -> nn.Module:
     return _match(module, ref)
 
 
+def _taken_out_by_patch(module, blend: bool):
+    """The module a patch removes from a site: all of it, except that a new blend keeps the current
+    activation as its old branch (re-blending a blend drops only its new branch)."""
+    if isinstance(module, BlendedActivation):
+        return module.new if blend else module
+    return None if blend else module
+
+
 def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = False,
                       heads: bool = False, recipe=None) -> SurgeryReport:
     """Replace the feed-forward (MLP) activations of `model` in place by `act` (any hf_gemact or
@@ -483,9 +583,13 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         poolers, ...); off by default.
     Patching an already patched site replaces its activation (never stacks); the old branch of a
     new blend is the site's current activation (the original one when the site is blended).
+    `model` may be wrapped (DataParallel, DistributedDataParallel, torch.compile, or a module holding
+    one transformers model as an attribute): the transformers model inside is patched and its config
+    records the patch. Under DDP a patch that adds or removes parameters (VeLU) is refused.
     """
     name = canonical_name(act)
-    make_activation(name)  # fails before anything is touched
+    added = make_activation(name)  # fails before anything is touched
+    model, ddp = _unwrap(model, "patch_activations")
     if recipe is None:
         from .patches import recipe_for
 
@@ -512,6 +616,11 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         selected += [s for s in sites if s.role == "head"]
     if not selected:
         raise LayerSelectionError(f"layers={layers!r} selects no block with an MLP activation in {what}")
+    if getattr(model, "config", None) is None:
+        raise SurgeryError(f"patch_activations records the patch in model.config, and {type(model).__name__} "
+                           f"has none: pass the transformers model (a PreTrainedModel)")
+    removed = [m for m in (_taken_out_by_patch(s.module, blend) for s in selected) if m is not None]
+    _refuse_parameter_change_under_ddp("patch_activations", ddp, [added], removed)
 
     state = _get_state(model, recipe, sites)
     changes = []
@@ -530,6 +639,9 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         setattr(s.parent, s.attr, new)
         changes.append(SiteChange(s.path, s.block, s.role, old_name, name, 0.0 if blend else None))
     _sync_config(model, state)
+    from .integration import ensure_aux_hook
+
+    ensure_aux_hook(model)
     return SurgeryReport("patch" + (" (blend)" if blend else ""), recipe.family, changes)
 
 
@@ -546,12 +658,15 @@ def _patched_state(model) -> _State:
 def restore_activations(model: nn.Module) -> SurgeryReport:
     """Undo every patch of `model` made in this process: the original activation modules go back
     (outputs bit-identical to before the first patch) and the config is restored."""
+    model, ddp = _unwrap(model, "restore_activations")
     state = _patched_state(model)
+    sites = [s for s in find_sites(model, state.recipe) if s.path in state.originals]
+    _refuse_parameter_change_under_ddp("restore_activations", ddp,
+                                       [state.originals[s.path] for s in sites if state.originals[s.path] is not s.module],
+                                       [s.module for s in sites if state.originals[s.path] is not s.module])
     changes = []
-    for site in find_sites(model, state.recipe):
+    for site in sites:
         path = site.path
-        if path not in state.originals:
-            continue
         original = state.originals[path]
         old_name = _site_name(site, state)
         _match_if_moved(original, _reference_tensor(site.parent, model))
@@ -582,6 +697,7 @@ def _blends(model):
 def set_blend(model: nn.Module, t: float) -> None:
     """Set t in [0, 1] on every blended site of `model` (and in its config)."""
     t = _check_t(t)
+    model, _ = _unwrap(model, "set_blend")
     blends = _blends(model)
     if not blends:
         raise SurgeryError("set_blend: the model has no blended activation; patch it with "
@@ -599,6 +715,7 @@ def set_blend(model: nn.Module, t: float) -> None:
 
 def get_blend(model: nn.Module) -> float | None:
     """The blend t of the model's blended sites (None when none is blended)."""
+    model, _ = _unwrap(model, "get_blend")
     ts = {m.t for _, m in _blends(model)}
     if len(ts) > 1:
         raise SurgeryError(f"blended sites have different t: {sorted(ts)}")
@@ -608,6 +725,7 @@ def get_blend(model: nn.Module) -> float | None:
 def finalize_blend(model: nn.Module, *, force: bool = False) -> SurgeryReport:
     """Replace every blended site by its new branch, leaving a plain patched model. Requires t = 1
     (outputs unchanged by the call) unless force=True."""
+    model, ddp = _unwrap(model, "finalize_blend")
     sites = [s for s in find_sites(model) if isinstance(s.module, BlendedActivation)]
     if not sites:
         raise SurgeryError("finalize_blend: the model has no blended activation")
@@ -616,6 +734,7 @@ def finalize_blend(model: nn.Module, *, force: bool = False) -> SurgeryReport:
         raise SurgeryError(f"finalize_blend: blend t is {pending} (not 1): call "
                            f"hf_gemact.set_blend(model, 1.0) first, or pass force=True to drop the "
                            f"old branch anyway (this changes the model's outputs)")
+    _refuse_parameter_change_under_ddp("finalize_blend", ddp, removed=[s.module.old for s in sites])
     from .patches import recipe_for
 
     state = model.__dict__.get(_STATE) or _get_state(model, recipe_for(model), find_sites(model))
@@ -631,34 +750,218 @@ def finalize_blend(model: nn.Module, *, force: bool = False) -> SurgeryReport:
 # ------------------------------------------------------------------------------------ load hook
 
 
+class ConfigRecordError(SurgeryError):
+    """An entry of a config's hf_gemact_activations / hf_gemact_blend that cannot be applied (the
+    message names the entry and the config file)."""
+
+
+def _record_file(config, attr):
+    """The config.json this config was loaded from, when that file holds the same `attr` record
+    (a record set in memory afterwards does not come from the file); else None."""
+    folder = getattr(config, "_name_or_path", None)
+    if not (isinstance(folder, str) and folder and os.path.isdir(folder)):
+        return None
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f).get(attr)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return path if stored == getattr(config, attr, None) else None
+
+
+def _record_source(config, attr) -> str:
+    """Where a record came from, for error messages: the checkpoint's config.json when the model is
+    being loaded from a folder."""
+    path = _record_file(config, attr)
+    if path:
+        return path
+    name = getattr(config, "_name_or_path", None)
+    if isinstance(name, str) and name and not os.path.isdir(name):
+        return f"the config.json of {name!r}"
+    return "the model's config"
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _record_site(model, sites, key):
+    """The site a record key names: its key (path relative to the base model) first, else its full
+    path (a full path names exactly one module, so it is applied too), else, when `model` is itself
+    the base model, a full path of a class that holds it (`transformer.h.0.mlp.act` on GPT2Model)."""
+    for site in sites:
+        if site.key == key:
+            return site
+    for site in sites:
+        if site.path == key:
+            return site
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and not _base_prefix(model) and key.startswith(prefix + "."):
+        rest = key[len(prefix) + 1:]
+        for site in sites:
+            if site.key == rest:
+                return site
+    return None
+
+
+def _module_at(model, key):
+    """The module a dotted path names in `model` or in its base model, or None."""
+    roots = [model]
+    prefix = _base_prefix(model)
+    if prefix:
+        roots.append(getattr(model, prefix[:-1]))
+    for root in roots:
+        try:
+            return root.get_submodule(key)
+        except AttributeError:
+            continue
+    return None
+
+
+def _built_inside_another_model(model) -> bool:
+    """Whether `model` is being constructed inside the __init__ of another transformers model that
+    shares its config (BertModel inside BertForMaskedLM): the outer model applies and checks the
+    same record when its own post_init runs, with all of its modules in place."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            owner = frame.f_locals.get("self")
+            if owner is not model and _is_hf_model(owner) and getattr(owner, "config", None) is model.config:
+                return True
+        frame = frame.f_back
+    return False
+
+
+def _is_foreign_head(model, key, attr) -> bool:
+    """Whether a key that names no site of `model` may be skipped as a head of another class sharing
+    this config: a BertForMaskedLM record names `cls.predictions.transform.transform_act_fn`, which
+    BertModel lacks (loaded alone, or built inside BertForMaskedLM). Not when the key's first step
+    is a module of this model (the path is wrong further down: a typo), nor when this class saved
+    the checkpoint (config.architectures[0], with the record read from its config.json)."""
+    if _built_inside_another_model(model):
+        return True
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and not _base_prefix(model) and key.startswith(prefix + "."):
+        key = key[len(prefix) + 1:]
+    first = key.split(".", 1)[0]
+    roots = [model]
+    if _base_prefix(model):
+        roots.append(getattr(model, _base_prefix(model)[:-1]))
+    if any(first in root._modules for root in roots):
+        return False
+    saved_by = getattr(model.config, "architectures", None) or []
+    written_here = bool(saved_by) and saved_by[0] == type(model).__name__ and _record_file(model.config, attr)
+    return not written_here
+
+
+def _unknown_key_problem(model, sites, key) -> str:
+    module = _module_at(model, key) if isinstance(key, str) and key else None
+    if module is not None:
+        what = f"names a {type(module).__name__} module, which is not an activation site"
+    else:
+        what = f"names no module of {type(model).__name__} (a typo?)"
+    known = ", ".join(s.key for s in sites[:4]) + (", ..." if len(sites) > 4 else "")
+    return f"{what}; its activation sites are keyed like {known or '(none)'}: fix or remove the entry"
+
+
+def _record_activation(value, error):
+    """A fresh module for a recorded activation name; `error(problem)` builds the exception."""
+    if value is None:
+        raise error("is null: give an activation name such as 'gem', or remove the entry to keep the "
+                    "site's native activation")
+    if not isinstance(value, str):
+        raise error(f"= {value!r} is of type {type(value).__name__}, not an activation name")
+    try:
+        module = make_activation(value)
+    except (KeyError, ValueError) as err:
+        raise error(f"= {value!r}: {_first_line(err)}") from None
+    setattr(module, _NAME, value)
+    return module
+
+
+_BLEND_FIELDS = ("from", "t")
+
+
+def _record_t(entry, error) -> float:
+    if "t" not in entry:
+        raise error("has no 't' (the blend weight of the new activation, a number in [0, 1])")
+    t = entry["t"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise error(f"has t = {t!r}: it must be a number in [0, 1]")
+    return float(t)
+
+
+def _plan_config_record(model, record, blend):
+    """Check every entry of the two records against `model` before anything is changed; returns
+    ([(site, name)], [(site, old name, t)]) to apply. Raises ConfigRecordError naming the entry and
+    the config file for anything that is neither applicable nor a head of another class."""
+    def error_for(attr, key=None):
+        where = f"{attr}[{key!r}]" if key is not None else attr
+        return lambda problem: ConfigRecordError(f"{_record_source(model.config, attr)}: {where} {problem}")
+
+    for attr, value, shape in ((RECORD_ATTR, record, "{site key: activation name}"),
+                               (BLEND_ATTR, blend, '{site key: {"from": activation name, "t": number}}')):
+        if value is not None and not isinstance(value, dict):
+            raise error_for(attr)(f"must be a JSON object {shape}, got {type(value).__name__} {value!r}"[:300])
+    sites = find_sites(model)
+
+    def resolve(attr, key):
+        if not isinstance(key, str):
+            raise error_for(attr, key)(f"has a {type(key).__name__} key; keys are module paths")
+        site = _record_site(model, sites, key)
+        if site is None and not _is_foreign_head(model, key, attr):
+            raise error_for(attr, key)(_unknown_key_problem(model, sites, key))
+        return site
+
+    renames = []
+    for key, name in (record or {}).items():
+        site = resolve(RECORD_ATTR, key)
+        module = _record_activation(name, error_for(RECORD_ATTR, key))
+        if site is not None:
+            renames.append((site, name, module))
+    blends = []
+    for key, entry in (blend or {}).items():
+        error = error_for(BLEND_ATTR, key)
+        if not isinstance(entry, dict):
+            raise error(f"= {entry!r} must be an object {{'from': old activation name, 't': number in [0, 1]}}")
+        unknown = sorted(set(entry) - set(_BLEND_FIELDS), key=str)
+        if unknown:
+            raise error(f"has unknown field(s) {unknown}: only 'from' and 't' are allowed")
+        if "from" not in entry:
+            raise error("has no 'from' (the site's activation before the blend)")
+        old = _record_activation(entry["from"], lambda problem: error(f"'from' {problem}"))
+        t = _record_t(entry, error)
+        site = resolve(BLEND_ATTR, key)
+        if site is not None:
+            blends.append((site, entry["from"], old, t))
+    return renames, blends
+
+
 def apply_config_record(model: nn.Module) -> int:
     """Rebuild the activations recorded in `model.config` (hf_gemact_activations / _blend); returns
-    the number of sites changed. Called by the post_init hook; idempotent."""
+    the number of sites changed. Called by the post_init hook; idempotent. Every entry is checked
+    before anything changes: see `_plan_config_record` for what raises ConfigRecordError."""
     config = getattr(model, "config", None)
     record = getattr(config, RECORD_ATTR, None) if config is not None else None
     blend = getattr(config, BLEND_ATTR, None) if config is not None else None
     if not record and not blend:
         return 0
-    by_key = {s.key: s for s in find_sites(model)}
+    renames, blends = _plan_config_record(model, record, blend)
     changed = 0
-    for key, name in (record or {}).items():
-        site = by_key.get(key)
-        if site is None or isinstance(site.module, BlendedActivation) or getattr(site.module, _NAME, None) == name:
+    for site, name, module in renames:
+        if isinstance(site.module, BlendedActivation) or getattr(site.module, _NAME, None) == name:
             continue
-        module = make_activation(name)
-        setattr(module, _NAME, name)
         setattr(site.parent, site.attr, module)
         site.module = module
         changed += 1
-    for key, entry in (blend or {}).items():
-        site = by_key.get(key)
-        if site is None or isinstance(site.module, BlendedActivation):
+    for site, old_name, old, t in blends:
+        if isinstance(site.module, BlendedActivation):
             continue
-        old = make_activation(entry["from"])
-        setattr(old, _NAME, entry["from"])
         new = site.module
         new_name = getattr(new, _NAME, None) or guess_name(new)
-        setattr(site.parent, site.attr, BlendedActivation(old, new, entry.get("t", 0.0), entry["from"], new_name))
+        setattr(site.parent, site.attr, BlendedActivation(old, new, t, old_name, new_name))
         changed += 1
     return changed
 
@@ -708,6 +1011,8 @@ def activation_drift(reference_model: nn.Module, patched_model: nn.Module, batch
     hidden state; when the models return logits, the mean KL(ref || patched) of the output
     distributions (for causal LMs: next-token distributions over non-padding positions) and, for
     causal LMs or when `batch` has labels, the loss of each model."""
+    reference_model, _ = _unwrap(reference_model, "activation_drift")
+    patched_model, _ = _unwrap(patched_model, "activation_drift")
     batch = dict(batch)
     mask = batch.get("attention_mask")
     if _is_causal_lm(reference_model) and "labels" not in batch and "input_ids" in batch:
@@ -750,7 +1055,7 @@ def activation_drift(reference_model: nn.Module, patched_model: nn.Module, batch
 
 
 __all__ = [
-    "BlendedActivation", "DriftReport", "LayerSelectionError", "NoActivationError", "Site",
+    "BlendedActivation", "ConfigRecordError", "DriftReport", "LayerSelectionError", "NoActivationError", "Site",
     "SurgeryError", "SurgeryReport", "UnknownActivationError", "activation_drift",
     "apply_config_record", "find_sites", "finalize_blend", "get_blend", "guess_name",
     "patch_activations", "restore_activations", "set_blend",

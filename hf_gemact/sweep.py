@@ -1,9 +1,15 @@
-"""`hf-gemact sweep`: activations x seeds x one training script, then paper-style tables.
+"""`hf-gemact sweep`: activations x seeds of one training task, then paper-style tables.
 
-Each run goes to OUT/<activation>/seed<k>. A run whose folder holds metrics.json is finished and
-skipped; any other run is (re)started, resuming from its last complete checkpoint when it has one.
-After the grid, OUT/results.csv (one row per run) and OUT/results.md (one row per activation) are
-written, and `hf-gemact plot runs` can draw the curves.
+Each run goes to OUT/<activation>/seed<k>. A run whose folder holds a readable metrics.json is
+done and skipped (a diverged one too: it is a result); any other run is (re)started, resuming from
+its last complete checkpoint when it has one. An unreadable metrics.json (empty, truncated, missing
+the metric) is named, kept beside as metrics.json.unreadable, and its run is done again. A run
+folder that another process is writing into (its training holds OUTPUT_DIR/.lock) is reported,
+never raced. After the grid, OUT/results.csv (one row per run) and OUT/results.md (one row per
+activation; diverged runs shown as such and never ranked) are written, and OUT/curves.png drawn.
+
+Every training run is started through `_child_guard.py`, which ties the run's whole process tree
+to the sweep: stopping the sweep (Ctrl-C, SIGTERM, or `kill -9` on Linux) stops its runs too.
 """
 
 from __future__ import annotations
@@ -13,21 +19,39 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-SCRIPTS = {
-    "clm": "run_clm.py",
-    "mlm": "run_mlm.py",
-    "image": "run_image_classification.py",
-}
+from .training import lock
+
+# built-in tasks: run as `python -m hf_gemact.train TASK`, so that an installed package needs no
+# source tree; --task also takes the path of a training script of one's own
+TASKS = ("clm", "mlm", "image")
 HIGHER_IS_BETTER = ("accuracy", "acc", "f1")
 # the metric each paper reports: GPT-2 perplexity, BERT validation loss, ViT accuracy
 PRIMARY_METRIC = {"clm": "perplexity", "mlm": "loss", "image": "accuracy"}
+GUARD = Path(__file__).with_name("_child_guard.py")
+POLL_S = 0.2
+
+
+class SweepUsageError(ValueError):
+    """Bad sweep arguments, found before any run starts."""
+
+
+class UnreadableResult(ValueError):
+    """A metrics.json that exists but cannot be used; the message names the file."""
+
+
+class SweepInterrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 @dataclass
@@ -37,12 +61,130 @@ class Run:
     output_dir: Path
 
     @property
-    def finished(self) -> bool:
-        return (self.output_dir / "metrics.json").is_file()
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.json"
+
+    @property
+    def label(self) -> str:
+        return f"{self.activation} seed {self.seed}"
+
+
+def say(message: str) -> None:
+    print(message, flush=True)  # at once: a killed sweep's last lines are the ones that matter
 
 
 def plan(activations, seeds, out: Path) -> list:
     return [Run(act, seed, out / act / f"seed{seed}") for act in activations for seed in seeds]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def canonical_activation(name: str) -> str:
+    """The name a registry activation is known by (gem_n2 and gem are one); others as given."""
+    from . import format_activation, parse_activation
+
+    try:
+        return format_activation(parse_activation(name))
+    except (KeyError, ValueError):
+        return name
+
+
+def check_grid(activations, seeds) -> None:
+    """Unknown or repeated activations (also under two spellings) and repeated seeds: a repeat
+    would be run again into the same folder (or a twin one) and counted as another run."""
+    from .training.args import UsageError, check_activation
+
+    seen = {}
+    for name in activations:
+        try:
+            check_activation(name)
+        except UsageError:
+            raise SweepUsageError(f"--activations: {name!r} is not a known activation (hf_gemact names such as "
+                                  "gem, gem_n1, egem_eps10, segem, velu, or transformers' such as gelu)") from None
+        key = canonical_activation(name)
+        if key in seen:
+            twice = (f"{name} twice" if seen[key] == name
+                     else f"{key} twice ({seen[key]} and {name} are the same activation)")
+            raise SweepUsageError(f"--activations lists {twice}; list each activation once")
+        seen[key] = name
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:
+        raise SweepUsageError(f"--seeds lists {', '.join(map(str, repeated))} more than once; "
+                              "list each seed once (every seed is one run)")
+
+
+def training_command(task: str, launcher: str) -> list:
+    """The command that starts one run of `task` (its flags follow)."""
+    if task in TASKS:
+        target = ["-m", "hf_gemact.train", task]
+    else:
+        path = Path(task)
+        if not path.is_file():
+            raise SweepUsageError(f"--task {task}: not one of {', '.join(TASKS)} and no such script file")
+        target = [str(path.resolve())]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", *target]
+    return [sys.executable, *target]
+
+
+# ----------------------------------------------------------------------------- results of one run
+
+
+def read_result(run: Run) -> dict | None:
+    """The run's metrics.json, checked for what the tables use; None when there is none yet.
+    Raises UnreadableResult naming the file when it cannot be used."""
+    path = run.metrics_path
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = "the file is empty" if not path.stat().st_size else f"not valid JSON ({err})"
+        raise UnreadableResult(f"{path} is unreadable: {problem}") from None
+    if not isinstance(metrics, dict):
+        raise UnreadableResult(f"{path} is unreadable: not a JSON object")
+    metric = PRIMARY_METRIC.get(metrics.get("task"), "loss")
+    for part in ("final", "best"):
+        value = metrics.get(part, {}).get(metric) if isinstance(metrics.get(part), dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UnreadableResult(f"{path} is unreadable: no number at {part}.{metric}")
+    return metrics
+
+
+def is_diverged(final, best) -> bool:
+    return not (math.isfinite(final) and math.isfinite(best))
+
+
+def run_row(run: Run, metrics: dict | None = None) -> dict:
+    m = read_result(run) if metrics is None else metrics
+    if m is None:
+        raise UnreadableResult(f"{run.metrics_path} does not exist")
+    metric = PRIMARY_METRIC.get(m.get("task"), "loss")
+    speed_key = next((k for k in m if k.endswith("_per_s")), None)
+    final, best = float(m["final"][metric]), float(m["best"][metric])
+    sparsity = m.get("activation_sparsity") if isinstance(m.get("activation_sparsity"), dict) else {}
+    return {
+        "activation": run.activation,
+        "seed": run.seed,
+        "metric": metric,
+        "status": "diverged" if is_diverged(final, best) else "finished",
+        "final": final,
+        "best": best,
+        "throughput": m.get(speed_key),
+        "throughput_unit": speed_key.replace("_per_s", "/s") if speed_key else "",
+        "steps": m.get("steps"),
+        "wall_time_s": m.get("wall_time_s"),
+        "zero_fraction": _number_or_none(sparsity.get("zero_fraction")),
+        "near_zero_fraction": _number_or_none(sparsity.get("near_zero_fraction")),
+        "near_zero_threshold": _number_or_none(sparsity.get("near_zero_threshold")),
+        "output_dir": str(run.output_dir),
+    }
+
+
+def _number_or_none(value):
+    """Runs written before the sparsity column (or of models without MLP sites) have none."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -51,43 +193,148 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return bool(list_checkpoints(run_dir))
 
 
-def command_for(run: Run, script: Path, script_args: list, launcher: list) -> list:
-    cmd = [*launcher, str(script), *script_args, "--activation", run.activation, "--seed", str(run.seed),
+def command_for(run: Run, command: list, script_args: list) -> list:
+    cmd = [*command, *script_args, "--activation", run.activation, "--seed", str(run.seed),
            "--output_dir", str(run.output_dir)]
     if _has_checkpoint(run.output_dir):
         cmd += ["--resume_from_checkpoint", "latest"]
-    elif run.output_dir.is_dir():
+    elif run.output_dir.is_dir() and any(run.output_dir.iterdir()):
         cmd += ["--overwrite_output_dir"]  # a run that died before its first checkpoint starts afresh
     return cmd
 
 
-def execute(runs, script: Path, script_args: list, launcher: list, devices=None, log=print) -> list:
-    """Run what is not finished; with several devices, one run per device at a time."""
-    todo = [r for r in runs if not r.finished]
-    for r in runs:
-        if r.finished:
-            log(f"[sweep] skip finished {r.output_dir}")
+# ----------------------------------------------------------------------------- running the grid
+
+
+@dataclass
+class _Active:
+    run: Run
+    proc: subprocess.Popen
+    log_file: object
+
+
+def _needs_run(run: Run, log) -> bool:
+    """False for a run that is done; sets an unreadable metrics.json aside (the run is needed)."""
+    try:
+        metrics = read_result(run)
+    except UnreadableResult as err:
+        kept = run.metrics_path.with_name("metrics.json.unreadable")
+        os.replace(run.metrics_path, kept)
+        log(f"[sweep] {err}; kept as {kept}, running {run.label} again")
+        return True
+    if metrics is None:
+        return True
+    status = run_row(run, metrics)["status"]
+    log(f"[sweep] skip {status} {run.output_dir}")
+    return False
+
+
+def _start(run: Run, command: list, script_args: list, device, log) -> _Active:
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(device)
+    cmd = command_for(run, command, script_args)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[sweep] run {run.label}: {' '.join(cmd)}")
+    log_file = open(run.output_dir.parent / f"seed{run.seed}.log", "a")
+    guarded = [sys.executable, "-I", str(GUARD), str(os.getpid()), "--", *cmd] if os.name == "posix" else cmd
+    # Its own session: a terminal's Ctrl-C reaches the sweep, which then stops each run in order.
+    proc = subprocess.Popen(guarded, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=os.name == "posix")
+    return _Active(run, proc, log_file)
+
+
+def _outcome(active: _Active) -> str | None:
+    """None when the run finished with a readable metrics.json, else what went wrong."""
+    run, code = active.run, active.proc.returncode
+    holder = lock.holder(run.output_dir)
+    if holder is not None:
+        return f"{run.output_dir} is being written by another run ({holder})"
+    try:
+        metrics = read_result(run)
+    except UnreadableResult as err:
+        return f"exit {code}; {err}"
+    if code == 0 and metrics is not None:
+        return None
+    return f"exit {code}; see {active.log_file.name}"
+
+
+def _stop_all(active: dict, log) -> None:
+    for a in active.values():
+        a.proc.send_signal(signal.SIGTERM)  # the guard stops the run's whole process tree
+    for a in active.values():
+        try:
+            a.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            a.proc.kill()
+            a.proc.wait()
+        a.log_file.close()
+        log(f"[sweep] stopped {a.run.label}; the next sweep resumes it")
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT/SIGHUP set a flag the scheduling loop acts on (a second one interrupts at
+    once); installed only in the main thread, where Python delivers signals."""
+
+    def __init__(self):
+        self.signum, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def execute(runs, command: list, script_args: list, devices=None, log=say) -> list:
+    """Run what is not done, one run per device at a time (one at a time without devices).
+    Returns (run, problem) for every run that did not end with a readable metrics.json. Raises
+    SweepInterrupted after stopping every run when the sweep gets SIGTERM, SIGINT or SIGHUP."""
     slots = list(devices) if devices else [None]
-    failures = []
-
-    def work(index_and_run):
-        index, run = index_and_run
-        env = dict(os.environ)
-        device = slots[index % len(slots)]
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(device)
-        cmd = command_for(run, script, script_args, launcher)
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        log(f"[sweep] run {run.activation} seed {run.seed}: {' '.join(cmd)}")
-        with open(run.output_dir.parent / f"seed{run.seed}.log", "a") as out:
-            code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-        if code != 0 or not run.finished:
-            failures.append((run, code))
-            log(f"[sweep] FAILED {run.activation} seed {run.seed} (exit {code}); see {out.name}")
-
-    # one worker per device slot; run i goes to slot i % len(slots)
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        list(pool.map(work, enumerate(todo)))
+    free, active, failures = deque(range(len(slots))), {}, []
+    pending = deque(runs)
+    with _StopSignals() as stop:
+        try:
+            while pending or active:
+                if stop.signum is not None:
+                    raise SweepInterrupted(stop.signum)
+                while pending and free:
+                    run = pending.popleft()
+                    holder = lock.holder(run.output_dir)
+                    if holder is not None:
+                        problem = f"{run.output_dir} is being written by another run ({holder}); not started"
+                        failures.append((run, problem))
+                        log(f"[sweep] LOCKED {run.label}: {problem}")
+                    elif _needs_run(run, log):
+                        slot = free.popleft()
+                        active[slot] = _start(run, command, script_args, slots[slot], log)
+                for slot, a in list(active.items()):
+                    if a.proc.poll() is None:
+                        continue
+                    a.log_file.close()
+                    del active[slot]
+                    free.append(slot)
+                    problem = _outcome(a)
+                    if problem is not None:
+                        failures.append((a.run, problem))
+                        log(f"[sweep] FAILED {a.run.label}: {problem}")
+                    elif (row := run_row(a.run))["status"] == "diverged":
+                        log(f"[sweep] {a.run.label} diverged: final {row['metric']} {row['final']}, "
+                            f"best {row['best']}; it is not ranked")
+                if active:
+                    time.sleep(POLL_S)
+        except BaseException:
+            _stop_all(active, log)
+            raise
     return failures
 
 
@@ -102,27 +349,13 @@ def mean_std(values) -> tuple:
     return mean, std
 
 
-def run_row(run: Run) -> dict:
-    m = json.loads((run.output_dir / "metrics.json").read_text())
-    metric = PRIMARY_METRIC.get(m.get("task"), "loss")
-    speed_key = next((k for k in m if k.endswith("_per_s")), None)
-    return {
-        "activation": run.activation,
-        "seed": run.seed,
-        "metric": metric,
-        "final": m["final"][metric],
-        "best": m["best"][metric],
-        "throughput": m.get(speed_key),
-        "throughput_unit": speed_key.replace("_per_s", "/s") if speed_key else "",
-        "steps": m.get("steps"),
-        "wall_time_s": m.get("wall_time_s"),
-        "output_dir": str(run.output_dir),
-    }
-
-
 def summarize(rows: list, baseline: str = "gelu") -> list:
     """Per activation: mean/std of final and best, n, difference to the baseline with a simple
-    significance flag (|diff| > 2 standard errors of the difference), rank, relative throughput."""
+    significance flag (|diff| > 2 standard errors of the difference), rank, relative throughput.
+
+    A run whose final or best metric is not finite diverged. An activation with a diverged run is
+    never ranked nor compared (its mean would be a survivor's); it comes last with `rank` None,
+    `diverged` counting those runs and the statistics of its finite runs (None if it has none)."""
     if not rows:
         return []
     metric = rows[0]["metric"]
@@ -132,57 +365,85 @@ def summarize(rows: list, baseline: str = "gelu") -> list:
         groups.setdefault(row["activation"], []).append(row)
     table = []
     for act, group in groups.items():
-        finals = [r["final"] for r in group]
-        bests = [r["best"] for r in group]
+        finite = [r for r in group if not is_diverged(r["final"], r["best"])]
         speeds = [r["throughput"] for r in group if r["throughput"]]
-        fm, fs = mean_std(finals)
-        bm, bs = mean_std(bests)
-        table.append({"activation": act, "n": len(group), "final_mean": fm, "final_std": fs, "best_mean": bm,
-                      "best_std": bs, "throughput": sum(speeds) / len(speeds) if speeds else None})
+        zeros = [r["zero_fraction"] for r in group if r.get("zero_fraction") is not None]
+        nears = [r["near_zero_fraction"] for r in group if r.get("near_zero_fraction") is not None]
+        fm, fs = mean_std([r["final"] for r in finite]) if finite else (None, None)
+        bm, bs = mean_std([r["best"] for r in finite]) if finite else (None, None)
+        table.append({"activation": act, "n": len(group), "diverged": len(group) - len(finite), "final_mean": fm,
+                      "final_std": fs, "best_mean": bm, "best_std": bs,
+                      "throughput": sum(speeds) / len(speeds) if speeds else None,
+                      "zero_fraction": sum(zeros) / len(zeros) if zeros else None,
+                      "near_zero_fraction": sum(nears) / len(nears) if nears else None})
+    ranked = [t for t in table if not t["diverged"]]
     base = next((t for t in table if t["activation"] == baseline), None)
     for t in table:
+        t["diff"] = t["significant"] = t["speed_ratio"] = None
         if base is None:
-            t["diff"] = t["significant"] = t["speed_ratio"] = None
+            continue
+        if t["throughput"] and base["throughput"]:
+            t["speed_ratio"] = t["throughput"] / base["throughput"]
+        if t["diverged"] or base["diverged"]:
             continue
         t["diff"] = t["final_mean"] - base["final_mean"]
         se = math.sqrt(t["final_std"] ** 2 / t["n"] + base["final_std"] ** 2 / base["n"])
         t["significant"] = None if t is base or se == 0 else abs(t["diff"]) > 2 * se
-        t["speed_ratio"] = (t["throughput"] / base["throughput"]) if t["throughput"] and base["throughput"] else None
-    ordered = sorted(table, key=lambda t: -t["final_mean"] if higher else t["final_mean"])
-    for rank, t in enumerate(ordered, start=1):
+    ranked.sort(key=lambda t: -t["final_mean"] if higher else t["final_mean"])
+    for rank, t in enumerate(ranked, start=1):
         t["rank"] = rank
-    return ordered
+    unranked = [t for t in table if t["diverged"]]
+    for t in unranked:
+        t["rank"] = None
+    return ranked + unranked
 
 
 def _fmt(value, digits=4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _mean_cell(mean, std) -> str:
+    return "diverged" if mean is None else f"{_fmt(mean)} +- {_fmt(std)}"
+
+
+def _sparsity_cell(t) -> str:
+    if t.get("zero_fraction") is None or t.get("near_zero_fraction") is None:
+        return ""
+    return f"{t['zero_fraction']:.1%} / {t['near_zero_fraction']:.1%}"
+
+
 def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "results.csv", out / "results.md"
-    fields = ["activation", "seed", "metric", "final", "best", "throughput", "throughput_unit", "steps",
-              "wall_time_s", "output_dir"]
+    fields = ["activation", "seed", "metric", "status", "final", "best", "throughput", "throughput_unit", "steps",
+              "wall_time_s", "zero_fraction", "near_zero_fraction", "near_zero_threshold", "output_dir"]
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     table = summarize(rows, baseline)
     metric = rows[0]["metric"] if rows else "metric"
+    taus = sorted({r["near_zero_threshold"] for r in rows if r.get("near_zero_threshold") is not None})
+    tau = "/".join(f"{t:g}" for t in taus) or "tau"
     lines = [
         f"Validation {metric}: final and best, mean +- std over seeds (sample std). diff = final mean minus "
         f"{baseline}'s; sig = |diff| > 2 standard errors of the difference (an indication, not a test). "
-        f"speed = throughput relative to {baseline}.",
+        f"speed = throughput relative to {baseline}. sparsity = fraction of MLP activation outputs that are "
+        f"exactly 0 / have |y| <= {tau}, on the first validation batches at the end of training (mean over seeds).",
         "",
-        f"| rank | activation | n | final {metric} | best {metric} | diff vs {baseline} | sig | speed |",
-        "|---:|---|---:|---|---|---:|:---:|---:|",
+        f"| rank | activation | n | final {metric} | best {metric} | diff vs {baseline} | sig | speed | sparsity 0 / near 0 |",
+        "|---:|---|---:|---|---|---:|:---:|---:|---:|",
     ]
     for t in table:
         sig = {True: "yes", False: "no", None: ""}[t["significant"]]
+        rank, n = (t["rank"], t["n"]) if t["rank"] is not None else ("diverged", f"{t['n']} ({t['diverged']} diverged)")
         lines.append(
-            f"| {t['rank']} | {t['activation']} | {t['n']} | {_fmt(t['final_mean'])} +- {_fmt(t['final_std'])} | "
-            f"{_fmt(t['best_mean'])} +- {_fmt(t['best_std'])} | {_fmt(t['diff'])} | {sig} | "
-            f"{_fmt(t['speed_ratio'], 2)} |")
+            f"| {rank} | {t['activation']} | {n} | {_mean_cell(t['final_mean'], t['final_std'])} | "
+            f"{_mean_cell(t['best_mean'], t['best_std'])} | {_fmt(t['diff'])} | {sig} | {_fmt(t['speed_ratio'], 2)} | "
+            f"{_sparsity_cell(t)} |")
+    if any(t["rank"] is None for t in table):
+        lines += ["", "A run diverged when its final or best metric is not finite (nan or inf). An activation "
+                  "with a diverged run is not ranked; its means are over its finite runs."]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -190,53 +451,81 @@ def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
 # ----------------------------------------------------------------------------- command line
 
 
-def _script_path(task: str) -> Path:
-    here = Path(__file__).resolve().parents[1] / "train_scripts"
-    path = here / SCRIPTS.get(task, task)
-    if not path.is_file():
-        raise SystemExit(f"training script {path} not found: --task takes {', '.join(SCRIPTS)} or a script path")
-    return path
+def _usage_error(message: str) -> int:
+    print(f"hf-gemact sweep: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _collect_rows(runs, log=say) -> list:
+    rows = []
+    for run in runs:
+        try:
+            metrics = read_result(run)
+        except UnreadableResult as err:
+            log(f"[sweep] not in the tables: {err}")
+            continue
+        if metrics is not None:
+            rows.append(run_row(run, metrics))
+    return rows
+
+
+def _plot(rows: list, out: Path) -> None:
+    from .plotting import plot_runs
+
+    groups = {}
+    for row in rows:
+        if row["status"] == "finished":  # a diverged curve would turn its activation's mean into nan
+            groups.setdefault(row["activation"], []).append(Path(row["output_dir"]))
+    if not groups:
+        return
+    try:
+        print(plot_runs(groups, out / "curves.png", metric=rows[0]["metric"]))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"[sweep] curves not drawn: {err}")
 
 
 def _cmd_sweep(args) -> int:
     out = Path(args.output_dir)
-    script = _script_path(args.task)
-    from .training.args import UsageError, check_activation
-
     try:
-        for name in args.activations:
-            check_activation(name)
-    except UsageError as err:
-        raise SystemExit(f"hf-gemact sweep: {err}") from None
-    launcher = [sys.executable] if args.launcher == "python" else [sys.executable, "-m", "accelerate.commands.launch"]
+        check_grid(args.activations, args.seeds)
+        command = training_command(args.task, args.launcher)
+    except SweepUsageError as err:
+        return _usage_error(str(err))
     runs = plan(args.activations, args.seeds, out)
     start = time.time()
-    failures = execute(runs, script, _strip_separator(args.script_args), launcher, devices=args.devices)
-    rows = [run_row(r) for r in runs if r.finished]
+    try:
+        failures = execute(runs, command, _strip_separator(args.script_args), devices=args.devices)
+    except SweepInterrupted as stop:
+        print(f"[sweep] {stop}; its runs were stopped and resume on the next sweep", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print("[sweep] interrupted; its runs were stopped and resume on the next sweep", file=sys.stderr)
+        return 130
+    rows = _collect_rows(runs)
     csv_path, md_path = write_tables(rows, out, args.baseline)
     print(md_path.read_text())
-    print(f"[sweep] {len(rows)}/{len(runs)} runs finished in {time.time() - start:.0f}s; {csv_path}, {md_path}")
-    if rows:
-        from .plotting import plot_runs
-
-        groups = {}
-        for r in runs:
-            if r.finished:
-                groups.setdefault(r.activation, []).append(r.output_dir)
-        print(plot_runs(groups, out / "curves.png", metric=rows[0]["metric"]))
+    diverged = sum(row["status"] == "diverged" for row in rows)
+    print(f"[sweep] {len(rows)}/{len(runs)} runs finished ({diverged} diverged) in {time.time() - start:.0f}s; "
+          f"{csv_path}, {md_path}")
+    for run, problem in failures:
+        print(f"[sweep] not finished: {run.label}: {problem}")
+    _plot(rows, out)
     return 1 if failures else 0
 
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
-        "sweep", help="run activations x seeds of one training script and tabulate the results",
-        description="Arguments after `--` go to the training script unchanged.")
-    p.add_argument("--task", required=True, help=f"{', '.join(SCRIPTS)} or a path to a training script")
-    p.add_argument("--activations", nargs="+", required=True)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+        "sweep", help="run activations x seeds of one training task and tabulate the results",
+        description="Arguments after `--` go to the training script unchanged. Each run goes to "
+                    "OUTPUT_DIR/ACTIVATION/seedK; finished runs are skipped, interrupted ones resumed.")
+    p.add_argument("--task", required=True, help=f"{', '.join(TASKS)} (python -m hf_gemact.train TASK) or the "
+                   "path of a training script of your own")
+    p.add_argument("--activations", nargs="+", required=True, help="each once (gem and gem_n2 are one activation)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="each once")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--baseline", default="gelu")
-    p.add_argument("--launcher", choices=["python", "accelerate"], default="python")
+    p.add_argument("--launcher", choices=["python", "accelerate"], default="python",
+                   help="start each run with python or with `accelerate launch` (your accelerate config)")
     p.add_argument("--devices", nargs="+", help="GPU ids: runs go to them in parallel, one per device")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="-- then the training script's arguments")
     p.set_defaults(func=_cmd_sweep)

@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -105,6 +107,10 @@ def test_save_and_load_in_a_fresh_process_is_bit_identical(tmp_path, kind, act):
     assert AutoConfig.from_pretrained(tmp_path / "ckpt").to_dict()  # config stays plain JSON
 
 
+# from_pretrained's dtype argument is `dtype` from transformers 4.56 on, `torch_dtype` before.
+DTYPE_KWARG = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_changing_the_activation_at_load_time_initialises_the_velu_scale(tmp_path, dtype):
     """A gelu checkpoint loaded with hidden_act='velu' lacks `lam`; it must start at 1, not garbage."""
@@ -112,7 +118,7 @@ def test_changing_the_activation_at_load_time_initialises_the_velu_scale(tmp_pat
     TINY["bert"]("gelu").save_pretrained(tmp_path)
     for _ in range(3):  # uninitialised memory is sometimes 1 by chance; a few loads make that unlikely
         config = AutoConfig.from_pretrained(tmp_path, hidden_act="velu")
-        model = AutoModel.from_pretrained(tmp_path, config=config, dtype=dtype)
+        model = AutoModel.from_pretrained(tmp_path, config=config, **{DTYPE_KWARG: dtype})
         velus = [m for m in model.modules() if isinstance(m, hf_gemact.VeLU)]
         assert len(velus) == 2  # AutoModel: no MLM head
         for m in velus:

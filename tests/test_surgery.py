@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 import torch
+import transformers
+from packaging import version
 from torch import nn
 
 import hf_gemact
@@ -309,7 +311,8 @@ def test_velu_scale_initial_value_dtype_and_changed_name_from_pretrained(gpt2_di
         lam.fill_(3.0)
     hf_gemact.patch_activations(gpt2, "velu", layers=[0])  # a new patch starts from the initial value
     assert gpt2.transformer.h[0].mlp.act.lam.item() == 1.0
-    loaded = GPT2LMHeadModel.from_pretrained(gpt2_dir, activation_function="velu", dtype=torch.bfloat16)
+    dtype_kwarg = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
+    loaded = GPT2LMHeadModel.from_pretrained(gpt2_dir, activation_function="velu", **{dtype_kwarg: torch.bfloat16})
     lams = [blk.mlp.act.lam for blk in loaded.transformer.h]
     assert all(p.dtype == torch.bfloat16 and p.item() == 1.0 for p in lams)
 

@@ -15,8 +15,10 @@ import torch
 import hf_gemact
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
-# After the fine-tune the held-out loss must be within this many nats of the pre-patch loss.
-RECOVERY_MARGIN_NATS = 0.05
+# After the fine-tune, the patched model's held-out loss may trail the unpatched model fine-tuned for
+# the same steps on the same batches (the control) by at most this fraction of what the patch cost.
+# Measured at seed 0: the patch cost 0.076 nats; the fine-tuned model ended 0.0016 below the control.
+RESIDUAL_FRACTION = 0.25
 SEQ, BATCH = 64, 16
 
 
@@ -93,11 +95,13 @@ def test_gpt2_recovers_after_patch_to_gem(shared_data):
     if not path.exists():
         pytest.skip(f"{path} not found")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    r = run_recovery(path, steps=200, finetune=100)
+    r = run_recovery(path, steps=200, finetune=100, control=True)
     assert r["sites"] == 2
     assert r["before"] < 2.8  # it did learn something (uniform over ~65 chars is 4.17 nats)
-    assert r["after_patch"] > r["before"] + 0.05, r  # the patch hurts
-    assert r["recovered"] < r["before"] + RECOVERY_MARGIN_NATS, r  # and a short fine-tune recovers
+    cost = r["after_patch"] - r["before"]
+    assert cost > 0.05, r  # the patch hurts
+    # and a short fine-tune gets the patched model where the unpatched one gets in the same steps
+    assert r["recovered"] - r["control"] < RESIDUAL_FRACTION * cost, r
 
 
 if __name__ == "__main__":

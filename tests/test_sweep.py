@@ -1,8 +1,11 @@
-"""`hf-gemact sweep` end to end on a 2-activation x 2-seed grid of tiny real GPT-2 runs."""
+"""`hf-gemact sweep` end to end on tiny real GPT-2 runs: a 2-activation x 2-seed grid killed and
+resumed, and a kill -9 of the sweep under `accelerate launch` that must leave no training behind.
+(The sweep's process handling with a quick script of one's own: test_sweep_procs.py.)"""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hf_gemact.plotting import is_png
@@ -28,10 +32,12 @@ def corpus(tmp_path_factory, shared_data):
     return d
 
 
-def sweep_command(corpus: Path, out: Path) -> list:
-    return [sys.executable, "-m", "hf_gemact.cli", "sweep", "--task", "clm", "--activations", "gelu", "gem_n2",
-            "--seeds", "0", "1", "--output_dir", str(out), "--",
-            "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"), *TINY_CLM]
+def sweep_command(corpus: Path, out: Path, activations=("gelu", "gem_n2"), seeds=("0", "1"), options=(),
+                  extra=()) -> list:
+    return [sys.executable, "-m", "hf_gemact", "sweep", "--task", "clm", "--activations", *activations,
+            "--seeds", *seeds, "--output_dir", str(out), *options, "--",
+            "--train_file", str(corpus / "train.txt"), "--validation_file", str(corpus / "valid.txt"), *TINY_CLM,
+            *extra]
 
 
 def test_sweep_tables_plots_and_resume_after_a_kill(corpus, tmp_path):
@@ -64,3 +70,39 @@ def test_sweep_tables_plots_and_resume_after_a_kill(corpus, tmp_path):
     table = (out / "results.md").read_text()
     assert "| gelu | 2 |" in table and "| gem_n2 | 2 |" in table
     assert is_png(out / "curves.png")
+
+
+def test_kill_9_of_the_sweep_under_accelerate_launch_leaves_no_training_running(corpus, tmp_path):
+    """The issue's failure: the orphaned training went on and raced the rerun in its folder."""
+    env = {**os.environ, "HF_GEMACT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "sweep"
+    log = out / "gelu" / "seed0" / "log.jsonl"
+    one_run = dict(activations=["gelu"], seeds=["0"], options=["--launcher", "accelerate"])
+    proc = subprocess.Popen(sweep_command(corpus, out, **one_run, extra=["--max_train_steps", "100000",
+                                                                          "--logging_steps", "1"]),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (log.is_file() and log.read_text().strip()):  # its first train line: training runs
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0].decode()[-3000:]
+        time.sleep(0.1)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in tree]
+    assert any("accelerate.commands.launch" in c for c in commands), commands
+    assert any("-m hf_gemact.train clm" in c and "accelerate" not in c for c in commands), commands
+
+    proc.kill()  # kill -9 of the sweep alone
+    proc.communicate()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree):
+        time.sleep(0.2)
+    survivors = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in survivors:
+        p.kill()
+    assert not survivors, [" ".join(p.cmdline()) for p in survivors]
+
+    rerun = subprocess.run(sweep_command(corpus, out, **one_run), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    metrics = json.loads((out / "gelu" / "seed0" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and [json.loads(line)["step"] for line in log.read_text().splitlines()
+                                      if json.loads(line)["split"] == "train"] == [6]

@@ -78,3 +78,45 @@ def test_plots_are_valid_pngs(tmp_path):
     assert is_png(out) and out.stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match="log.jsonl"):
         read_eval_curve(tmp_path / "nowhere")
+
+
+def test_diverged_runs_are_listed_last_unranked_and_compared_with_nothing(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    rows = rows_for({"gelu": [3.0, 3.1], "gem_n2": [nan, 2.5], "relu": [inf, inf], "velu": [2.8, 2.9]})
+    table = sweep.summarize(rows)
+    assert [(t["activation"], t["rank"]) for t in table] == [("velu", 1), ("gelu", 2), ("gem_n2", None),
+                                                             ("relu", None)]
+    velu, gelu, gem, relu = table
+    assert velu["diff"] == pytest.approx((2.8 + 2.9) / 2 - (3.0 + 3.1) / 2)
+    assert gem["diverged"] == 1 and gem["final_mean"] == 2.5 and gem["diff"] is None and gem["significant"] is None
+    assert relu["diverged"] == 2 and relu["final_mean"] is None and relu["best_mean"] is None
+    # a diverged baseline: nothing is compared with it (its mean would be a survivor's)
+    assert all(t["diff"] is None for t in sweep.summarize(rows, baseline="gem_n2"))
+
+    _, md_path = sweep.write_tables(rows, tmp_path)
+    text = md_path.read_text()
+    assert "| diverged | gem_n2 | 2 (1 diverged) | 2.5000 +- 0.0000 |" in text
+    assert "| diverged | relu | 2 (2 diverged) | diverged | diverged |  |  |" in text
+    assert "| 1 | velu | 2 | 2.8500 +- 0.0707 |" in text
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "the file is empty"),
+    ('{"task": "clm", "final": {"perpl', "not valid JSON"),
+    ('{"task": "clm", "best": {"perplexity": 3.0}}', "no number at final.perplexity"),
+    ('{"task": "image", "final": {"accuracy": 0.5}, "best": {"loss": 0.1}}', "no number at best.accuracy"),
+    ('{"task": "mlm", "final": {"loss": null}, "best": {"loss": 1.0}}', "no number at final.loss"),
+])
+def test_unreadable_metrics_name_the_file_and_stay_out_of_the_tables(tmp_path, capsys, content, problem):
+    run = sweep.Run("gelu", 0, tmp_path / "gelu" / "seed0")
+    run.output_dir.mkdir(parents=True)
+    run.metrics_path.write_text(content)
+    with pytest.raises(sweep.UnreadableResult, match=f"{run.metrics_path} is unreadable: {problem}"):
+        sweep.run_row(run)
+    good = sweep.Run("gelu", 1, tmp_path / "gelu" / "seed1")
+    good.output_dir.mkdir(parents=True)
+    good.metrics_path.write_text(json.dumps({"task": "clm", "final": {"perplexity": 20.0},
+                                             "best": {"perplexity": 19.0}, "tokens_per_s": 5.0}))
+    rows = sweep._collect_rows([run, good], log=print)
+    assert [(r["seed"], r["final"], r["best"], r["throughput_unit"]) for r in rows] == [(1, 20.0, 19.0, "tokens/s")]
+    assert f"not in the tables: {run.metrics_path} is unreadable" in capsys.readouterr().out

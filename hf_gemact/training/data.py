@@ -105,12 +105,22 @@ def _loader_for(path: str) -> tuple[str, dict]:
     return "text", {"keep_linebreaks": True}
 
 
+def remote_code_kwargs(fn, args) -> dict:
+    """trust_remote_code for a loader that takes it (datasets >= 4 runs no dataset scripts at all)."""
+    import inspect
+
+    if not getattr(args, "trust_remote_code", False):
+        return {}
+    return {"trust_remote_code": True} if "trust_remote_code" in inspect.signature(fn).parameters else {}
+
+
 def load_raw_text(args):
     """DatasetDict with 'train' and 'validation' and the name of the text column."""
     import datasets
 
     if args.dataset_name:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name,
+                                    **remote_code_kwargs(datasets.load_dataset, args))
     else:
         files = ({"train": args.train_file} if args.train_file else shakespeare_files())
         if args.validation_file:
@@ -120,20 +130,65 @@ def load_raw_text(args):
             raise UsageError("--train_file and --validation_file must have the same format")
         builder, kwargs = kinds[0]
         raw = datasets.load_dataset(builder, data_files=files, **kwargs)
-    raw = _ensure_validation(raw, args)
-    columns = raw["train"].column_names
-    column = "text" if "text" in columns else columns[0]
-    return raw, column
+    raw = ensure_validation(raw, args)
+    return raw, text_column(raw, args)
 
 
-def _ensure_validation(raw, args):
+def _is_text(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _describe_columns(dataset) -> str:
+    return ", ".join(f"{name} ({getattr(feature, 'dtype', type(feature).__name__)})"
+                     for name, feature in dataset.features.items())
+
+
+def text_column(raw, args) -> str:
+    """--text_column_name, else 'text', else the only text-typed column. A CSV like `id,body` thus
+    trains on `body`; with no or several candidates the error names the columns."""
+    train = raw["train"]
+    name = getattr(args, "text_column_name", None)
+    if name is not None and name not in train.column_names:
+        raise UsageError(f"--text_column_name {name!r}: the training data has no such column "
+                         f"(columns: {_describe_columns(train)})")
+    if name is None and "text" in train.column_names:
+        name = "text"
+    if name is None:
+        candidates = [c for c, f in train.features.items() if _is_text(f)]
+        if len(candidates) != 1:
+            raise UsageError(f"the training data has no 'text' column and {len(candidates) or 'no'} text-typed "
+                             f"columns (columns: {_describe_columns(train)}); pass --text_column_name NAME")
+        name = candidates[0]
+    if not _is_text(train.features[name]):
+        raise UsageError(f"column {name!r} holds {train.features[name]}, not text; pass --text_column_name "
+                         f"with the column that holds the text (columns: {_describe_columns(train)})")
+    for split, dataset in raw.items():
+        if name not in dataset.column_names:
+            raise UsageError(f"the {split} data has no column {name!r} (columns: {_describe_columns(dataset)})")
+    return name
+
+
+def validation_rows(n: int, percentage: int) -> int:
+    """Rows that `train[:percentage%]` selects in datasets (its default 'closest' rounding)."""
+    return int(round(percentage * n / 100.0))
+
+
+def ensure_validation(raw, args):
+    """Without a validation split, the first --validation_split_percentage % of the training rows
+    become it and training keeps the rest: HF's `train[:N%]` / `train[N%:]` rule."""
     if "validation" in raw:
         return raw
+    train = raw["train"]
     pct = args.validation_split_percentage
-    if not 0 < pct < 100:
-        raise UsageError("the data has no validation split; --validation_split_percentage must be in (0, 100)")
-    split = raw["train"].train_test_split(test_size=pct / 100, seed=0, shuffle=False)
-    raw["train"], raw["validation"] = split["train"], split["test"]
+    n_val = validation_rows(len(train), pct)
+    if not 0 < n_val < len(train):
+        raise UsageError(f"the data has no validation split and {pct}% of its {len(train)} training rows "
+                         f"is {n_val} rows; pass --validation_file/--validation_dir or another "
+                         "--validation_split_percentage")
+    raw["validation"] = train.select(range(n_val))
+    raw["train"] = train.select(range(n_val, len(train)))
     return raw
 
 
