@@ -5,18 +5,20 @@ Triton on CUDA) reads x once and writes y once; the backward reads x and grad_ou
 grad_x once, recomputing the gate instead of saving anything but x. Eager PyTorch instead runs
 about ten separate kernels, each a full pass over memory.
 
-VeLU is compute-bound on CPU (atan, asin, sigmoid per element), so its CPU kernels trace the same
-formulas with `approx=True`: polynomial atan/asin and, for |alpha| <= 0.11, sigmoid, all inline
-(SLEEF calls inside a vectorised loop cost more in register spills than in arithmetic); the gate
-is saved for backward (x and g: two input-sized tensors, instead of evaluating the gate twice
-more); and the per-row scale has a kernel of its own so the main kernel is one loop per row.
-On CUDA VeLU keeps the exact functions and recomputes the gate (memory-bound there).
+VeLU is compute-bound on CPU (atan, asin, sigmoid per element; polynomials in `functional`, all
+inline), so on CPU the gate is saved for backward (x and g: two input-sized tensors, instead of
+evaluating the gate twice more), and the per-row scale has a kernel of its own so the main kernel
+is one loop per row. On CUDA (memory-bound) one kernel does it all and backward recomputes the gate.
 
 How it is wired: `functional._GEMFunction` / `_VeLUFunction` ask this module first
 (`gem_forward`, `gem_backward`, `velu_forward`, `velu_backward` here); each returns None when the
 fast path does not apply, and the caller then runs its eager closed form. The compiled kernels
-trace the very same formulas from `functional`, so the numerics agree within dtype rounding and
-the NaN/inf rules are the same.
+trace the very same formulas from `functional`, which use only operations that round alike on
+every backend, and are built without FMA contraction (and, on CUDA, with Inductor's eager-numerics
+settings: IEEE division, casts kept, no FP fusion). So an element gets bitwise the same output and
+gradient from either route, whatever the size, layout or batch it comes in (checked on CPU by the
+tests; CUDA has not been run), and the NaN/inf rules are the same. `record_routes()` shows which
+route served each call.
 
 The fast path is skipped (None) when:
   * it is switched off: environment `HF_GEMACT_COMPILE=0` at import, or `set_fast_path(False)`;
@@ -31,14 +33,15 @@ The fast path is skipped (None) when:
     is still faster than the eager ops there, but the microseconds it saves are not worth seconds
     of compiling, so tiny models (tests, toy runs) never compile; under
     torch.compile (torch < 2.8) the call's own overhead also matches the eager ops about here;
-  * VeLU only: lam is not a 0-d tensor, or the reduced dim has a single element;
+  * VeLU only: lam is not a 0-d tensor (`functional.velu` makes it one), or the reduced dim has a
+    single element;
   * the arguments are outside a guard Inductor made while compiling (e.g. 32-bit indexing on
     CUDA): that call alone runs eager, and `fast_path_info` counts such calls;
   * compiling failed once for that kernel (no C++ compiler, no Triton, an Inductor error): a
     warning is given once and that kernel stays eager from then on.
 
-Every kernel is compiled once per (activation parameters, dtype, device, layout, and on CPU the
-thread count) for all shapes: traced with symbolic sizes (make_fx) and compiled by
+Every kernel is compiled once per (activation parameters, dtype, device, layout, VeLU's row
+length, and on CPU the thread count) for all other sizes: traced with symbolic sizes (make_fx) and compiled by
 torch._inductor.standalone_compile, then called directly, without the guard checks and wrappers that
 torch.compile runs on every call (a fixed cost of the order of the whole GEM kernel at 64K elements
 on CPU). Where torch has no standalone_compile (torch < 2.8) the same kernel functions go through
@@ -50,15 +53,19 @@ unrolled product, not a generic pow), and under torch.compile each kernel keeps 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
+import re
 import threading
 import time
 import warnings
 
 import torch
 
-__all__ = ["set_fast_path", "fast_path_enabled", "fast_path_info", "compile_times", "clear_cache"]
+__all__ = ["set_fast_path", "fast_path_enabled", "fast_path_info", "compile_times", "clear_cache", "record_routes",
+           "Route"]
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses: fake, functional, DTensor, ...
@@ -122,6 +129,49 @@ def clear_cache() -> None:
         _uncovered_calls.clear()
 
 
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Which route served one activation call: `record_routes` lists these."""
+
+    activation: str  # "gem" or "velu"
+    pass_: str  # "forward" or "backward"
+    dtype: torch.dtype  # the input's
+    numel: int  # the input's number of elements
+    route: str  # "compiled" or "eager"
+    reason: str  # compiled: the kernel that ran; eager: why the fast path stepped aside
+
+
+_recorders: list = []  # the lists of the record_routes blocks now open (any thread)
+
+
+@contextlib.contextmanager
+def record_routes():
+    """Record, per activation call inside the block, the route that served it (a list of Route).
+
+    Forward and backward are separate entries, in the order they ran, from every thread (autograd
+    may run backward on its own thread). Calls traced into a torch.compile'd model run in that
+    graph and are not seen here.
+    """
+    calls: list = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def _note(activation: str, pass_: str, x: torch.Tensor, route: str, reason: str) -> None:
+    for calls in list(_recorders):
+        calls.append(Route(activation, pass_, x.dtype, x.numel(), route, reason))
+
+
+def _eager(activation: str, pass_: str, x: torch.Tensor, reason: str):
+    """Record an eager call (if recording) and return None, the callers' "run eager" answer."""
+    if _recorders:
+        _note(activation, pass_, x, "eager", reason)
+    return None
+
+
 def _describe(key) -> str:
     kind, params, dtype, device = key[:4]
     extra = "".join(f",{part}" for part in key[4:])
@@ -136,14 +186,22 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def _usable(x: torch.Tensor) -> bool:
-    # is_compiling first: under Dynamo nothing below may be evaluated (a numel test would guard).
-    if torch.compiler.is_compiling() or not _state["enabled"] or not _plain(x):
-        return False
+def _eager_reason(x: torch.Tensor, backward: bool = False) -> str | None:
+    """Why x's call runs eager, or None where the fast path applies. Callers test is_compiling first."""
+    if not _state["enabled"]:
+        return "fast path switched off"
+    if backward and torch.is_grad_enabled():
+        return "double backward (create_graph): the eager backward is differentiable"
+    if not _plain(x):
+        return "tensor subclass or torch.func transform"
     if x.dtype not in _FAST_DTYPES:
-        return False
+        return f"dtype {str(x.dtype).replace('torch.', '')} is not compiled"
     limit = _state["min_numel"].get(x.device.type)
-    return limit is not None and x.numel() >= limit
+    if limit is None:
+        return f"device {x.device.type} is not compiled"
+    if x.numel() < limit:
+        return f"{x.numel()} elements, below min_numel {limit}"
+    return None
 
 
 # ----------------------------------------------------------------------------- kernel factory
@@ -165,30 +223,53 @@ def velu_scale_kernel(x):
 _VELU_FWD_SRC = """
 def velu_fwd_kernel(x, lam, k, t):
     return F.velu_forward(x, lam, {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r},
-                          approx={approx!r}, save_gate={save_gate!r}, row_scale=None if k is None else (k, t))
+                          save_gate={save_gate!r}, row_scale=None if k is None else (k, t))
 """
 _VELU_BWD_SRC = """
 def velu_bwd_kernel(x, lam, grad_out, grad_mean, grad_std, mean, std, g, k, t):
     return F.velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std,
                            {alpha!r}, {beta1!r}, {beta2!r}, {gamma!r}, {mu!r}, {eps!r}, {dim!r},
-                           g=g, row_scale=None if k is None else (k, t), approx={approx!r},
-                           lam_needs_grad={lam_needs_grad!r})
+                           g=g, row_scale=None if k is None else (k, t), lam_needs_grad={lam_needs_grad!r})
 """
 
 
 def _compile_options(device_type: str) -> dict:
-    # Let the C++ compiler contract a*b+c into FMAs: about 15 % off the VeLU gate on CPU, and it only
-    # ever rounds less. The option's name and type vary across torch versions, so only set it if known.
-    import torch._inductor.config
+    """Inductor settings for these kernels: round as the eager ops do, and compile in seconds.
 
-    cpp = getattr(torch._inductor.config, "cpp", None)
-    flag = getattr(cpp, "enable_floating_point_contract_flag", None)
-    if device_type != "cpu" or flag is None:
-        return {}
-    return {"cpp.enable_floating_point_contract_flag": "fast" if isinstance(flag, str) else True}
+    Both: emulate_precision_casts, which keeps an explicit round trip through a half dtype (a gate
+    recomputed in backward is rounded to x's dtype, as a saved one is) and on CUDA turns Triton's FP
+    fusion off. CPU: no FMA contraction (Inductor's default; said explicitly, since a*b+c contracted
+    rounds once where eager rounds twice). CUDA: IEEE division, no flushing of subnormals. And an
+    intermediate of more than 32 operations that has several users is computed once (into a
+    buffer, row-local or fused away) rather than inlined into each: the Newton steps and
+    polynomials read their inputs several times, and inlining nests exponentially. Measured on
+    VeLU's CPU kernels: Inductor's CPU default, 50, compiles in 3x the time; 24 compiles fastest but
+    stores so many intermediates that the forward is 1.5x slower; 32 runs as fast as 50.
+    Options this torch lacks are left out.
+    """
+    import torch._inductor.config as config
+
+    wanted = {"realize_opcount_threshold": 32, "emulate_precision_casts": True}
+    if device_type == "cpu":
+        wanted["cpp.enable_floating_point_contract_flag"] = "off"
+    elif device_type == "cuda":
+        wanted.update({"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True})
+    options = {}
+    for name, value in wanted.items():
+        owner = config
+        *path, leaf = name.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, leaf):
+            continue
+        current = getattr(owner, leaf)
+        if isinstance(current, bool) and value == "off":  # older torch: a bool flag
+            value = False
+        options[name] = value
+    return options
 
 
-def _make_kernel(src: str, name: str, params: dict, device_type: str, args: tuple):
+def _make_kernel(src: str, name: str, params: dict, device_type: str, args: tuple, keep_dims: tuple = ()):
     from . import functional
 
     namespace = {"F": functional}
@@ -202,7 +283,7 @@ def _make_kernel(src: str, name: str, params: dict, device_type: str, args: tupl
     options = _compile_options(device_type)
     if _standalone_compile() is not None:
         try:
-            return _GraphKernel(fn, args, options)
+            return _GraphKernel(fn, args, options, keep_dims)
         except Exception:  # a torch whose standalone_compile does not take this graph: torch.compile can
             pass
     return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
@@ -229,11 +310,12 @@ class _GraphKernel:
     Nothing checks the arguments per call, so the callers keep the promise that guards would have
     checked: all calls under one kernel key pass contiguous tensors with the same dtypes, devices,
     ranks and None pattern, and a tensor's dim is 1 exactly where it was 1 when traced (see
-    `_trace_examples`). Guards that Inductor itself adds (32-bit indexing on CUDA) are checked per
-    call where there are any; arguments outside them raise _NotCovered.
+    `_trace_examples`). `keep_dims` are dims of the first argument that `fn` makes concrete (VeLU's
+    row length): traced at their real size and checked on every call, as are guards that Inductor
+    itself makes (32-bit indexing on CUDA); arguments outside them raise _NotCovered.
     """
 
-    def __init__(self, fn, args: tuple, options: dict):
+    def __init__(self, fn, args: tuple, options: dict, keep_dims: tuple = ()):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         present = [a is not None for a in args]
@@ -247,7 +329,7 @@ class _GraphKernel:
             returned["none"] = [o is None for o in outs]
             return tuple(o for o in outs if o is not None)
 
-        examples = _trace_examples([a for a in args if a is not None])
+        examples = _trace_examples([a for a in args if a is not None], keep_dims)
         with torch.inference_mode(False), torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
             gm = make_fx(traced, tracing_mode="symbolic")(*examples)
             placeholders = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
@@ -255,12 +337,16 @@ class _GraphKernel:
             self._compiled = _standalone_compile()(gm, examples, dynamic_shapes="from_graph",
                                                    options={"config_patches": options})
         self._single, self._none = returned["single"], returned["none"]
+        self._kept = [(d, args[0].shape[d]) for d in keep_dims]
         self._shape_env, self._guards = shape_env, None
         if shape_env.guards:
-            self._guards = compile(shape_env.produce_guards_expression(placeholders), "<hf_gemact guards>", "eval")
+            expression = _guard_expression(shape_env, placeholders)
+            self._guards = None if expression is None else compile(expression, "<hf_gemact guards>", "eval")
 
     def __call__(self, *args):
         tensors = [a for a in args if a is not None]
+        if any(tensors[0].shape[d] != size for d, size in self._kept):
+            raise _NotCovered
         if self._guards is not None and not self._shape_env.evaluate_guards_expression(self._guards, tensors):
             raise _NotCovered
         outs = iter(self._compiled(*tensors))
@@ -269,20 +355,38 @@ class _GraphKernel:
         return tuple(None if none else next(outs) for none in self._none)
 
 
-def _trace_examples(tensors: list) -> list:
+def _guard_expression(shape_env, placeholders) -> str | None:
+    """The shape guards of a traced kernel as one Python expression over t0, t1, ..., or None.
+
+    Symbolic tracing assumes every size it keeps symbolic is >= 2 (0 and 1 would be specialised),
+    and the expression would repeat that; but the kernels are traced on stand-ins of such sizes
+    (_trace_examples) precisely so that they serve size-1 dims as well, so those terms are left out.
+    """
+    from torch._dynamo.source import LocalSource
+
+    terms = shape_env.produce_guards(placeholders, [LocalSource(f"t{i}") for i in range(len(placeholders))])
+    terms = [term for term in terms if not re.fullmatch(r"2 <= L\['t\d+'\]\.size\(\)\[\d+\]", term)]
+    return " and ".join(terms) or None
+
+
+def _trace_examples(tensors: list, keep_dims: tuple = ()) -> list:
     """Stand-ins for `tensors` to trace with: the sizes of the first one's dims made >= 2 and distinct.
 
     Symbolic tracing treats a size of 1 as the constant 1 and equal sizes as one symbol; a kernel
-    traced on the real sizes could then be wrong for the next shape (rows == width, say). The other
-    tensors are 0-d, or of the first one's rank with each dim either its size there or 1 (broadcast).
+    traced on the real sizes could then be wrong for the next shape (rows == width, say). The dims
+    in `keep_dims` keep their real size (>= 2; the kernel specialises them) and the others avoid it.
+    The other tensors are 0-d, or of the first one's rank with each dim either its size there or 1
+    (broadcast).
     """
     first = tensors[0]
-    sizes = []
-    for size in first.shape:
+    sizes = [first.shape[d] if d in keep_dims else None for d in range(first.dim())]
+    for d, size in enumerate(first.shape):
+        if sizes[d] is not None:
+            continue
         size = max(size, 2)
         while size in sizes:
             size += 1
-        sizes.append(size)
+        sizes[d] = size
     examples = []
     for t in tensors:
         if t.dim() == 0:
@@ -321,34 +425,40 @@ def _failed(key, err: Exception):
     return None
 
 
-def _call(key, src, name, params, *args):
-    """Run the compiled kernel for `key` (see _key), compiling it on first use; None if it cannot be had."""
+_FAILED = "compiling failed (see the warning); this kernel runs eager"
+
+
+def _call(key, src, name, params, *args, keep_dims: tuple = ()):
+    """Run the compiled kernel for `key` (see _key), compiling it on first use.
+
+    Returns (output, None), or (None, why) where the kernel cannot be had or does not cover the call.
+    """
     fn = _kernels.get(key, False)
     if fn is None:
-        return None
+        return None, _FAILED
     started = None
     if fn is False:
         started = time.perf_counter()
-        fn = _compile(key, src, name, params, args)
+        fn = _compile(key, src, name, params, args, keep_dims)
         if fn is None:
-            return None
+            return None, _FAILED
     try:
         out = fn(*args)
     except _NotCovered:
         _uncovered_calls[key] = _uncovered_calls.get(key, 0) + 1
-        return None
+        return None, "outside the guards of kernel " + _describe(key)
     except Exception as err:  # compiling lazily (torch.compile) failed, or an Inductor error: stay eager
-        return _failed(key, err)
+        return _failed(key, err), _FAILED
     if started is not None:
         _compile_times[key] = time.perf_counter() - started
-    return out
+    return out, None
 
 
-def _compile(key, src, name, params, args):
+def _compile(key, src, name, params, args, keep_dims=()):
     with _lock:
         if key not in _kernels:
             try:
-                _kernels[key] = _make_kernel(src, name, params, key[3].type, args)
+                _kernels[key] = _make_kernel(src, name, params, key[3].type, args, keep_dims)
             except Exception as err:  # no compiler, unsupported platform, Inductor bug: stay eager
                 return _failed(key, err)
         return _kernels[key]
@@ -357,49 +467,68 @@ def _compile(key, src, name, params, args):
 # ----------------------------------------------------------------------------- GEM family
 
 
+def _served(activation: str, pass_: str, x: torch.Tensor, key, out, why):
+    """The kernel's output, recorded as compiled; or None (eager), recorded with why."""
+    if out is None:
+        return _eager(activation, pass_, x, why)
+    if _recorders:
+        _note(activation, pass_, x, "compiled", _describe(key))
+    return out
+
+
 def gem_forward(x: torch.Tensor, n: int, eps: float, a: float):
     """Fused GEM forward of x (any shape), or None where the fast path does not apply."""
-    if not _usable(x):
+    # is_compiling first: under Dynamo nothing below may be evaluated (a numel test would guard).
+    if torch.compiler.is_compiling():
         return None
+    why = _eager_reason(x)
+    if why is not None:
+        return _eager("gem", "forward", x, why)
     flat = x.contiguous().view(-1)
     key = _key("gem_fwd", (n, eps, a), x)
-    y = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
-    return None if y is None else y.view_as(x)
+    y, why = _call(key, _GEM_FWD_SRC, "gem_fwd_kernel", {"n": n, "eps": eps, "a": a}, flat)
+    return _served("gem", "forward", x, key, None if y is None else y.view_as(x), why)
 
 
 def gem_backward(x: torch.Tensor, grad_out: torch.Tensor, n: int, eps: float, a: float):
     """Fused grad_out * GEM'(x) in x's dtype, or None (eager) where the fast path does not apply."""
-    if torch.is_grad_enabled() or not _usable(x) or not _plain(grad_out):
+    if torch.compiler.is_compiling():
         return None
-    if grad_out.shape != x.shape or grad_out.device != x.device:
-        return None
+    why = _eager_reason(x, backward=True)
+    if why is None and not _plain(grad_out):
+        why = "grad_out is a tensor subclass"
+    if why is None and (grad_out.shape != x.shape or grad_out.device != x.device):
+        why = "grad_out's shape or device differs from the input's"
+    if why is not None:
+        return _eager("gem", "backward", x, why)
     flat_x = x.contiguous().view(-1)
     flat_g = grad_out.contiguous().view(-1)
     key = _key("gem_bwd", (n, eps, a), x, grad_out.dtype)
-    gx = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
-    return None if gx is None else gx.view_as(x)
+    gx, why = _call(key, _GEM_BWD_SRC, "gem_bwd_kernel", {"n": n, "eps": eps, "a": a}, flat_x, flat_g)
+    return _served("gem", "backward", x, key, None if gx is None else gx.view_as(x), why)
 
 
 # ----------------------------------------------------------------------------- VeLU
 
 
 def _velu_params(alpha, beta1, beta2, gamma, mu, eps, device_type):
-    # On CPU the gate's atan/asin/sigmoid dominate (compute-bound): use the polynomial versions,
-    # save the gate for backward instead of evaluating it twice more, and compute the per-row scale
-    # in a kernel of its own, so that the main kernel is one loop per row (Inductor will not inline
-    # a reused tanh into it). On CUDA the kernels are memory-bound: exact libdevice functions, one
-    # kernel, and recomputing the gate costs less than reading a saved one.
-    # dim is 1: the kernels see x as _velu_rows lays it out.
+    # On CPU the gate's atan/asin/sigmoid polynomials dominate (compute-bound): save the gate for
+    # backward instead of evaluating it twice more, and compute the per-row scale in a kernel of its
+    # own, so that the main kernel is one loop per row (Inductor will not inline a reused tanh into
+    # it). On CUDA the kernels are memory-bound: one kernel, and recomputing the gate costs less
+    # than reading a saved one. The math is the same either way (a recomputed gate is rounded to
+    # x's dtype, as a saved one is). dim is 1: the kernels see x as _velu_rows lays it out.
     cpu = device_type == "cpu"
     return {"alpha": alpha, "beta1": beta1, "beta2": beta2, "gamma": gamma, "mu": mu, "eps": eps, "dim": 1,
-            "approx": cpu, "save_gate": cpu}
+            "save_gate": cpu}
 
 
 def _velu_rows(x, dim):
     """x as a contiguous (outer, D) or (outer, D, inner) view, D being `dim`; None if D < 2.
 
-    Every shape and dim then meets one of two kernels per dtype. (A row of one element would trace
-    with D as the constant 1, which the per-row tensors share: see _trace_examples.)
+    Every shape and dim then meets one of two kernels per dtype and row length D. (A row of one
+    element would trace with D as the constant 1, which the per-row tensors share: see
+    _trace_examples.)
     """
     if not -x.dim() <= dim < x.dim():
         return None  # eager raises the usual IndexError
@@ -411,9 +540,22 @@ def _velu_rows(x, dim):
     return x.view(-1, d) if inner == 1 else x.view(-1, d, inner)
 
 
+# The row length D is a constant in VeLU's kernels (functional.tree_sum adds in an order set by it):
+# it is traced at its real size and is part of every VeLU kernel's key.
+_ROW_DIM = (1,)
+
+
 def _velu_row_scale(rows, mu, eps):
-    key = _key("velu_scale", (mu, eps, 1), rows, rows.dim())
-    return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": 1}, rows)
+    key = _key("velu_scale", (mu, eps, 1), rows, rows.dim(), f"D={rows.shape[1]}")
+    return _call(key, _VELU_SCALE_SRC, "velu_scale_kernel", {"mu": mu, "eps": eps, "dim": 1}, rows,
+                 keep_dims=_ROW_DIM)
+
+
+def _velu_eager_reason(x, lam, backward=False):
+    why = _eager_reason(x, backward)
+    if why is None and (not _plain(lam) or lam.device != x.device or lam.dim() != 0):
+        why = "lam is not a plain 0-d tensor on x's device"
+    return why
 
 
 def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=True):
@@ -422,26 +564,30 @@ def velu_forward(x, lam, alpha, beta1, beta2, gamma, mu, eps, dim, need_grad=Tru
     g (the gate) and k, t (velu_row_scale) are for backward, laid out as _velu_rows(x, dim); they
     are None on CUDA, and g is None where no gradient is needed.
     """
-    if not _usable(x) or not _plain(lam) or lam.device != x.device or lam.dim() != 0:
+    if torch.compiler.is_compiling():
         return None
-    rows = _velu_rows(x, dim)
-    if rows is None:
-        return None
+    why = _velu_eager_reason(x, lam)
+    rows = None if why is not None else _velu_rows(x, dim)
+    if why is None and rows is None:
+        why = "the reduced dim has fewer than 2 elements (or is out of range)"
+    if why is not None:
+        return _eager("velu", "forward", x, why)
     params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, x.device.type)
     k = t = None
-    if params["approx"]:
-        row_scale = _velu_row_scale(rows, mu, eps)
+    if params["save_gate"]:
+        row_scale, why = _velu_row_scale(rows, mu, eps)
         if row_scale is None:
-            return None
+            return _eager("velu", "forward", x, why)
         k, t = row_scale
-    key = _key("velu_fwd", tuple(params.values()), x, lam.dtype, rows.dim())
-    res = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, rows, lam, k, t)
+    key = _key("velu_fwd", tuple(params.values()), x, lam.dtype, rows.dim(), f"D={rows.shape[1]}")
+    res, why = _call(key, _VELU_FWD_SRC, "velu_fwd_kernel", params, rows, lam, k, t, keep_dims=_ROW_DIM)
     if res is None:
-        return None
+        return _eager("velu", "forward", x, why)
     out, mean, std, *gate = res
     # The CPU kernel returns g even where no gradient will need it: Inductor schedules the kernel
     # without g as an output worse (it evaluates the gate twice), so it is cheaper to drop it here.
-    return out.view(x.shape), mean, std, gate[0] if gate and need_grad else None, k, t
+    return _served("velu", "forward", x, key, (out.view(x.shape), mean, std, gate[0] if gate and need_grad else None,
+                                            k, t), None)
 
 
 def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale, alpha, beta1, beta2, gamma, mu,
@@ -450,22 +596,25 @@ def velu_backward(x, lam, grad_out, grad_mean, grad_std, mean, std, g, row_scale
 
     g and row_scale are velu_forward's (or None, to recompute them).
     """
-    if torch.is_grad_enabled() or not _usable(x) or not _plain(lam) or lam.dim() != 0:
+    if torch.compiler.is_compiling():
         return None
+    why = _velu_eager_reason(x, lam, backward=True)
     k, t = (None, None) if row_scale is None else row_scale
-    for tensor in (grad_out, grad_mean, grad_std, mean, std, g, k, t):
-        if tensor is not None and (not _plain(tensor) or tensor.device != x.device):
-            return None
-    if grad_out is None or grad_out.shape != x.shape:
-        return None
-    rows = _velu_rows(x, dim)
-    if rows is None or (g is not None and g.shape != rows.shape):
-        return None
+    if why is None and any(tensor is not None and (not _plain(tensor) or tensor.device != x.device)
+                           for tensor in (grad_out, grad_mean, grad_std, mean, std, g, k, t)):
+        why = "a gradient or saved tensor is a subclass or on another device"
+    if why is None and (grad_out is None or grad_out.shape != x.shape):
+        why = "grad_out's shape differs from the input's"
+    rows = None if why is not None else _velu_rows(x, dim)
+    if why is None and (rows is None or (g is not None and g.shape != rows.shape)):
+        why = "the reduced dim has fewer than 2 elements, or the saved gate's layout differs"
+    if why is not None:
+        return _eager("velu", "backward", x, why)
     params = _velu_params(alpha, beta1, beta2, gamma, mu, eps, x.device.type)
     params["lam_needs_grad"] = lam.requires_grad
     variant = (grad_mean is not None, grad_std is not None, g is not None, k is not None, grad_out.dtype, lam.dtype,
                rows.dim())
-    key = _key("velu_bwd", tuple(params.values()), x, variant)
-    res = _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, rows, lam, _velu_rows(grad_out, dim), grad_mean,
-                grad_std, mean, std, g, k, t)
-    return None if res is None else (res[0].view(x.shape), res[1])
+    key = _key("velu_bwd", tuple(params.values()), x, variant, f"D={rows.shape[1]}")
+    res, why = _call(key, _VELU_BWD_SRC, "velu_bwd_kernel", params, rows, lam, _velu_rows(grad_out, dim), grad_mean,
+                     grad_std, mean, std, g, k, t, keep_dims=_ROW_DIM)
+    return _served("velu", "backward", x, key, None if res is None else (res[0].view(x.shape), res[1]), why)

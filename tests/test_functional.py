@@ -306,6 +306,47 @@ def test_velu_asin_edge_keeps_gradients_finite():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_velu_auxiliary_term_and_gradients_stay_finite_for_huge_finite_inputs(dtype):
+    # Issue 17 item 11: above |x| ~ 4e19, y^2 overflowed float32 in the statistics and every gradient
+    # became NaN. The term (squares of statistics near 1e30) is checked against float64.
+    torch.manual_seed(5)
+    x = torch.randn(4, 64)
+    x[0] *= 1e20
+    x[1, :8] = torch.tensor([3e37, -3e37, 1e30, -1e25, 5e19, 0.0, 1e-30, 1.0])
+    x = x.to(dtype)
+    lam = torch.tensor(1.3)
+    params = dict(alpha=2.0, beta1=1.0, beta2=0.7, gamma=0.1, mu=0.9, eps=1e-6, dim=-1)
+    xr, lr = x.clone().requires_grad_(), lam.clone().requires_grad_()
+    out, mean, std = hf_gemact.velu(xr, lr, **params, return_stats=True)
+    aux = F.wasserstein_aux_loss(mean, std, 0.1)
+    (out.float().sum() * 1e-30 + aux).backward()
+
+    x64, lam64 = x.double().requires_grad_(), lam.double().requires_grad_()
+    ref, y_ref = velu_reference(x64, lam64, **params)
+    aux_ref = 0.1 * (y_ref.mean() ** 2 + (y_ref.std(unbiased=False) - 1) ** 2)
+    (ref.sum() * 1e-30 + aux_ref).backward()
+    assert torch.isfinite(aux) and torch.isfinite(xr.grad).all() and torch.isfinite(lr.grad)
+    torch.testing.assert_close(aux.double(), aux_ref, rtol=1e-5, atol=0)
+    scale = x64.grad.abs().max()
+    torch.testing.assert_close(xr.grad.double(), x64.grad, rtol=2e-2, atol=1e-5 * scale)
+    # lam's gradient is a sum of grad_out * y: the 1e-30 reaching a bf16 output is rounded to bf16
+    torch.testing.assert_close(lr.grad.double(), lam64.grad, rtol=1e-4 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool], ids=str)
+def test_integer_and_bool_tensors_are_refused_not_truncated(dtype):
+    # Issue 17 item 11: gem(torch.tensor(2)) returned 1 (integer math). torch's own activations
+    # (F.gelu, F.silu) refuse such tensors; so do these, naming the dtype and the fix.
+    x = torch.tensor([2, 0, 1]).to(dtype)
+    calls = [lambda: hf_gemact.gem(x), lambda: hf_gemact.GEM(2, 1e-4, 0.01)(x), lambda: hf_gemact.velu(x),
+             lambda: hf_gemact.VeLU()(x)]
+    for call in calls:
+        with pytest.raises(TypeError, match=rf"floating-point tensor, got dtype {dtype}.*x\.float\(\)"):
+            call()
+    torch.testing.assert_close(hf_gemact.gem(x.float()), gem_reference(x.float(), 2, 1.0, 0.0).float())
+
+
 def test_velu_statistics_are_recomputed_in_eval():
     """No running statistics: train and eval agree, and the scale follows each new input."""
     m = hf_gemact.VeLU()
