@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .formulas import GEM_DEFAULTS, VELU_DEFAULTS
 
 
 def _check_finite(name: str, value, *, positive: bool = False, non_negative: bool = False) -> float:
@@ -35,7 +36,8 @@ class GEM(nn.Module):
     """GEM, E-GEM and SE-GEM in one module: x * g(|x|) with g(s) = s^2N / (eps + s^2N), scaled by
     `a` for x < 0. GEM is eps = 1, a = 0; E-GEM is a = 0; SE-GEM is a > 0 (no dead neurons)."""
 
-    def __init__(self, n: int = 2, eps: float = 1.0, a: float = 0.0):
+    def __init__(self, n: int = GEM_DEFAULTS["n"], eps: float = GEM_DEFAULTS["eps"],
+                 a: float = GEM_DEFAULTS["a"]):
         super().__init__()
         self.n = _check_order(n)
         self.eps = _check_finite("eps", eps, positive=True)
@@ -59,14 +61,14 @@ class VeLU(nn.Module):
 
     def __init__(
         self,
-        alpha: float = 0.1,
-        beta1: float = 0.1,
-        beta2: float = 0.1,
-        gamma: float = 0.1,
-        mu: float = 0.9,
-        eps: float = 1e-6,
+        alpha: float = VELU_DEFAULTS["alpha"],
+        beta1: float = VELU_DEFAULTS["beta1"],
+        beta2: float = VELU_DEFAULTS["beta2"],
+        gamma: float = VELU_DEFAULTS["gamma"],
+        mu: float = VELU_DEFAULTS["mu"],
+        eps: float = VELU_DEFAULTS["eps"],
         lambda_ot: float = 0.1,
-        dim: int = -1,
+        dim: int = VELU_DEFAULTS["dim"],
     ):
         super().__init__()
         self.alpha = _check_finite("alpha", alpha)
