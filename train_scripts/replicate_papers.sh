@@ -10,9 +10,19 @@ TEXT=(--train_file "$DATA/text/tinyshakespeare.txt" --validation_split_percentag
 COMMON=(--learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 250 --eval_steps 50
         --no_save_model)
 
+# the commit every run of a task was made at (metrics.json records library versions, not the code's)
+record_commit() {
+  mkdir -p "$OUT/$1"
+  { echo "commit $(git rev-parse HEAD)"
+    if [ -n "$(git status --porcelain --untracked-files=no)" ]; then echo "worktree: modified"; else echo "worktree: clean"; fi
+    echo "started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "command bash train_scripts/replicate_papers.sh $1"; } >> "$OUT/$1/commit.txt"
+}
+
 tasks=("$@")
 [ $# -gt 0 ] || tasks=(clm mlm image surgery)
 for task in "${tasks[@]}"; do
+  case $task in clm|mlm|image|surgery) record_commit "$task" ;; esac
   case $task in
   clm)
     hf-gemact sweep --task clm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/clm" -- "${TEXT[@]}" "${COMMON[@]}" \
@@ -27,7 +37,9 @@ for task in "${tasks[@]}"; do
       --per_device_train_batch_size 64 --max_eval_samples 2000 ;;
   surgery)
     # a GPT-2 trained with its own activation (gelu_new), then patched to GEM: right after the patch,
-    # and recovering with and without gradual blending (t ramped over the first 50 steps)
+    # and recovering with and without gradual blending (t ramped over the first 50 steps); the control
+    # fine-tunes the unpatched model with the same flags and seeds, so recovery is judged against it
+    # and not against the pre-patch loss (the base model is still improving)
     S="$OUT/surgery"
     [ -f "$S/base/metrics.json" ] || python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
       --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
@@ -35,12 +47,21 @@ for task in "${tasks[@]}"; do
       --output_dir "$S/base" --overwrite_output_dir
     for blend in 0 50; do
       for seed in 0 1 2; do
+        [ -f "$S/gem_blend$blend/seed$seed/metrics.json" ] ||
         python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" \
           --block_size 128 --per_device_train_batch_size 16 --learning_rate 5e-4 --num_warmup_steps 0 \
           --max_train_steps 150 --eval_steps 25 --blend_steps $blend --seed $seed --no_save_model \
           --output_dir "$S/gem_blend$blend/seed$seed" --overwrite_output_dir
       done
     done
+    for seed in 0 1 2; do
+      [ -f "$S/control/seed$seed/metrics.json" ] ||
+      python train_scripts/run_clm.py --model_name_or_path "$S/base" "${TEXT[@]}" \
+        --block_size 128 --per_device_train_batch_size 16 --learning_rate 5e-4 --num_warmup_steps 0 \
+        --max_train_steps 150 --eval_steps 25 --blend_steps 0 --seed $seed --no_save_model \
+        --output_dir "$S/control/seed$seed" --overwrite_output_dir
+    done
+    [ -f "$S/gem_no_finetune/metrics.json" ] ||
     python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" --block_size 128 \
       --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model ;;
   *) echo "unknown task $task (clm, mlm, image, surgery)" >&2; exit 2 ;;
