@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CPU-scale replication of the GEM and VeLU papers' comparisons (docs/RESULTS.md).
-# 2 CPU cores: about 20 minutes per task sweep. Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery]...
+# Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery]... (OUT, DATA: output and data folders)
+# The raw data of docs/RESULTS.md (docs/results/<task>) are OUT/<task> without model weights; see RESULTS.md
+# for the copy command and the time each task took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -63,7 +65,8 @@ for task in "${tasks[@]}"; do
     done
     [ -f "$S/gem_no_finetune/metrics.json" ] ||
     python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" --block_size 128 \
-      --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model ;;
+      --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model
+    hf-gemact tables "$S" ;;  # results.csv, results.md and curves.png of the surgery runs
   *) echo "unknown task $task (clm, mlm, image, surgery)" >&2; exit 2 ;;
   esac
 done
