@@ -109,7 +109,8 @@ def surgery_tables(folder, write: bool = True) -> str:
             target = sweep.write_csv(singles + grouped, folder / "results.csv")
             target = folder / "curves.png"
             plot_runs(sweep.curve_groups(grouped), target, metric="loss",
-                      title="validation loss during the fine-tuning (mean over seeds, band = min..max)")
+                      title="validation loss during the fine-tuning (mean over seeds, band = min..max)",
+                      references={f"{row['activation']} ({row['final']:.4f})": row["final"] for row in singles})
         except OSError as err:
             raise sweep.TablesError(f"{target}: cannot write it ({err.strerror or err})") from None
     return text

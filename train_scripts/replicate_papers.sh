@@ -34,6 +34,8 @@ for task in "${tasks[@]}"; do
       --config_overrides hidden_size=128,num_hidden_layers=2,num_attention_heads=4,intermediate_size=512,max_position_embeddings=128 \
       --max_seq_length 128 --per_device_train_batch_size 16 ;;
   image)
+    # the image script's default data (Fashion-MNIST) is looked up relative to the working folder; point it at DATA
+    HF_GEMACT_FASHION_MNIST=${HF_GEMACT_FASHION_MNIST:-$DATA/fashion-mnist} \
     hf-gemact sweep --task image --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/image" -- "${COMMON[@]}" \
       --config_overrides hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128 \
       --per_device_train_batch_size 64 --max_eval_samples 2000 ;;
