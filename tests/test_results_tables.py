@@ -143,11 +143,23 @@ def surgery_folder(root):
     return root
 
 
-def test_surgery_tables_compare_the_patched_runs_with_the_control(tmp_path, capsys):
+def test_surgery_tables_compare_the_patched_runs_with_the_control(tmp_path, capsys, monkeypatch):
+    from hf_gemact import plotting
+
+    drawn, save = {}, plotting._save
+
+    def keep_lines(plt, fig, out):
+        drawn.update({line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()})
+        return save(plt, fig, out)
+
+    monkeypatch.setattr(plotting, "_save", keep_lines)
     folder = surgery_folder(tmp_path / "surgery")
     code, out, err = tables(capsys, folder)
     assert code == 0, err
     assert (folder / "results.md").read_text() == out and is_png(folder / "curves.png")
+    # the figure: each group's mean curve, and the single runs' levels as horizontal lines
+    assert drawn["base (5.3000)"] == [5.3, 5.3] and drawn["gem_no_finetune (5.6000)"] == [5.6, 5.6]
+    assert drawn["gem_blend0 (n=2)"] == pytest.approx([statistics.mean(DIRECT) + 0.5, statistics.mean(DIRECT)])
     rows = table_rows(out)
     assert rows["base"][1:] == ["gelu_new", "500", "5.3000", "200.34"]
     assert rows["gem_no_finetune"][1:] == ["gem", "0", "5.6000", "270.40"]
