@@ -101,7 +101,8 @@ BROKEN = {  # what is done to a good folder -> the path the error must name
                         lambda f: f / "velu" / "seed2" / "metrics.json"),
     "truncated metrics.json": (lambda f: (f / "gelu" / "seed0" / "metrics.json").write_text('{"task": "cl'),
                                lambda f: f / "gelu" / "seed0" / "metrics.json"),
-    "no log.jsonl": (lambda f: _remove(f / "gelu" / "seed1" / "log.jsonl"), lambda f: f / "gelu" / "seed1" / "log.jsonl"),
+    "no log.jsonl": (lambda f: _remove(f / "gelu" / "seed1" / "log.jsonl"),
+                     lambda f: f / "gelu" / "seed1" / "log.jsonl"),
     "garbled log.jsonl": (lambda f: (f / "gelu" / "seed1" / "log.jsonl").write_text("{not json\n"),
                           lambda f: f / "gelu" / "seed1" / "log.jsonl"),
 }
