@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "hf_gemact.plotting",
     "hf_gemact.surgery_cli",
     "hf_gemact.sweep",
+    "hf_gemact.tables",
 ]
 
 

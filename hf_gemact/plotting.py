@@ -77,10 +77,14 @@ def read_eval_curve(run_dir: str | Path, metric: str = "loss") -> list:
     return points
 
 
-def plot_runs(groups: dict, out: str | Path, metric: str = "loss", title: str | None = None) -> Path:
-    """One line per group (e.g. activation): the mean over its runs (seeds) with a min-max band."""
+def plot_runs(groups: dict, out: str | Path, metric: str = "loss", title: str | None = None,
+              references: dict | None = None) -> Path:
+    """One line per group (e.g. activation): the mean over its runs (seeds) with a min-max band;
+    `references` (label -> value) are drawn as dashed horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="0.35", linestyle=style, linewidth=1.1, label=label)
     for label, run_dirs in sorted(groups.items()):
         by_step = defaultdict(list)
         for run_dir in run_dirs:

@@ -171,15 +171,27 @@ def _sparsity_cell(t) -> str:
     return f"{t['zero_fraction']:.1%} / {t['near_zero_fraction']:.1%}"
 
 
-def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / "results.csv", out / "results.md"
-    fields = ["activation", "seed", "metric", "status", "final", "best", "throughput", "throughput_unit", "steps",
+CSV_FIELDS = ["activation", "seed", "metric", "status", "final", "best", "throughput", "throughput_unit", "steps",
               "wall_time_s", "zero_fraction", "near_zero_fraction", "near_zero_threshold", "output_dir"]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+
+
+def write_csv(rows: list, path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = write_csv(rows, out / "results.csv"), out / "results.md"
+    md_path.write_text(render_table(rows, baseline))
+    return csv_path, md_path
+
+
+def render_table(rows: list, baseline: str = "gelu", name: str = "activation") -> str:
+    """results.md: one row per `name` (the activation, or whatever groups the runs)."""
     table = summarize(rows, baseline)
     metric = rows[0]["metric"] if rows else "metric"
     taus = sorted({r["near_zero_threshold"] for r in rows if r.get("near_zero_threshold") is not None})
@@ -190,7 +202,7 @@ def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
         f"speed = throughput relative to {baseline}. sparsity = fraction of MLP activation outputs that are "
         f"exactly 0 / have |y| <= {tau}, on the first validation batches at the end of training (mean over seeds).",
         "",
-        f"| rank | activation | n | final {metric} | best {metric} | diff vs {baseline} | sig | speed | sparsity 0 / near 0 |",
+        f"| rank | {name} | n | final {metric} | best {metric} | diff vs {baseline} | sig | speed | sparsity 0 / near 0 |",
         "|---:|---|---:|---|---|---:|:---:|---:|---:|",
     ]
     for t in table:
@@ -203,8 +215,7 @@ def write_tables(rows: list, out: Path, baseline: str = "gelu") -> tuple:
     if any(t["rank"] is None for t in table):
         lines += ["", "A run diverged when its final or best metric is not finite (nan or inf). An activation "
                   "with a diverged run is not ranked; its means are over its finite runs."]
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -228,13 +239,19 @@ def _collect_rows(runs, log=say) -> list:
     return rows
 
 
-def _plot(rows: list, out: Path) -> None:
-    from .plotting import plot_runs
-
+def curve_groups(rows: list) -> dict:
+    """activation -> run folders whose validation curves are drawn."""
     groups = {}
     for row in rows:
         if row["status"] == "finished":  # a diverged curve would turn its activation's mean into nan
             groups.setdefault(row["activation"], []).append(Path(row["output_dir"]))
+    return groups
+
+
+def _plot(rows: list, out: Path) -> None:
+    from .plotting import plot_runs
+
+    groups = curve_groups(rows)
     if not groups:
         return
     try:
@@ -270,6 +287,102 @@ def _cmd_sweep(args) -> int:
         print(f"[sweep] not finished: {run.label}: {problem}")
     _plot(rows, out)
     return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------- tables of a finished sweep
+
+
+class TablesError(ValueError):
+    """A folder whose raw data cannot give the tables; the message names the file and the problem."""
+
+
+def tables(folder, baseline: str = "gelu", write: bool = True) -> str:
+    """results.md of a finished sweep, rebuilt from its raw data alone: FOLDER/results.csv lists the
+    runs, each run's numbers come from FOLDER/ACTIVATION/seedK/metrics.json (the csv must agree with
+    it) and its curve from log.jsonl beside it. With `write`: FOLDER/results.md and curves.png too."""
+    from .plotting import plot_runs
+
+    folder = Path(folder)
+    rows = rows_from_folder(folder)
+    if baseline not in {row["activation"] for row in rows}:
+        raise TablesError(f"--baseline {baseline}: {folder / 'results.csv'} has no run of it (it has "
+                          f"{', '.join(dict.fromkeys(row['activation'] for row in rows))})")
+    text = render_table(rows, baseline)
+    if write:
+        target = folder / "results.md"
+        try:
+            target.write_text(text)
+            target = folder / "curves.png"
+            plot_runs(curve_groups(rows), target, metric=rows[0]["metric"])
+        except OSError as err:
+            raise TablesError(f"{target}: cannot write it ({err.strerror or err})") from None
+    return text
+
+
+def rows_from_folder(folder: Path) -> list:
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise TablesError(f"{folder}: {what} (pass the --output_dir of a finished sweep, e.g. docs/results/clm)")
+    index = folder / "results.csv"
+    rows = []
+    for line, entry in _read_index(index):
+        run = Run(entry["activation"], entry["seed"], folder / entry["activation"] / f"seed{entry['seed']}")
+        try:
+            metrics = read_result(run)
+        except UnreadableResult as err:
+            raise TablesError(str(err)) from None
+        if metrics is None:
+            raise TablesError(f"{run.metrics_path}: not found ({index} line {line} lists {run.label})")
+        row = run_row(run, metrics)
+        for part in ("final", "best"):
+            if not _same_number(entry.get(part), row[part]):
+                raise TablesError(f"{index} line {line}: {part} {entry.get(part)!r} but {run.metrics_path} has "
+                                  f"{row[part]!r}; the raw data disagree (rerun the sweep or restore the file)")
+        _check_log(run.output_dir / "log.jsonl", row["metric"])
+        rows.append(row)
+    return rows
+
+
+def _read_index(path: Path) -> list:
+    """[(line number, {activation, seed, ...})] of a sweep's results.csv."""
+    if not path.is_file():
+        raise TablesError(f"{path}: not found (a sweep writes it into its --output_dir)")
+    try:
+        with open(path, newline="") as f:
+            entries = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise TablesError(f"{path}: unreadable ({err})") from None
+    if not entries:
+        raise TablesError(f"{path}: lists no runs")
+    listed = []
+    for line, entry in enumerate(entries, start=2):  # line 1 is the header
+        try:
+            entry["seed"] = int(entry.get("seed") or "")
+        except ValueError:
+            raise TablesError(f"{path} line {line}: seed {entry.get('seed')!r} is not an integer") from None
+        if not entry.get("activation"):
+            raise TablesError(f"{path} line {line}: no activation")
+        listed.append((line, entry))
+    return listed
+
+
+def _same_number(text, value: float) -> bool:
+    try:
+        listed = float(text)
+    except (TypeError, ValueError):
+        return False
+    return listed == value or (math.isnan(listed) and math.isnan(value))
+
+
+def _check_log(path: Path, metric: str) -> None:
+    from .plotting import read_eval_curve
+
+    try:
+        read_eval_curve(path.parent, metric)
+    except FileNotFoundError:
+        raise TablesError(f"{path}: not found (each run's log.jsonl draws its curve)") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TablesError(f"{path}: unreadable ({err})") from None
 
 
 def add_subcommands(subparsers) -> None:

@@ -617,13 +617,12 @@ def test_training_run_writes_the_sparsity_of_its_first_validation_batches(shared
     (tmp_path / "train.txt").write_text(text[:20_000])
     (tmp_path / "valid.txt").write_text(text[-6_000:])
     out = tmp_path / "out"
-    summary = run("clm", ["--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
-                          "--output_dir", str(out), "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=32",
-                          "--block_size", "32", "--vocab_size", "300", "--activation", "relu",
-                          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-                          "--max_train_steps", "2", "--learning_rate", "3e-3"])
+    run("clm", ["--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
+                "--output_dir", str(out), "--config_overrides", "n_layer=2,n_embd=32,n_head=2,n_positions=32",
+                "--block_size", "32", "--vocab_size", "300", "--activation", "relu",
+                "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+                "--max_train_steps", "2", "--learning_rate", "3e-3"])
     got = json.loads((out / "metrics.json").read_text())["activation_sparsity"]
-    assert got == summary["activation_sparsity"]
     # independently: the validation text as blocks of 32 tokens in order, the first 8 batches of 4
     tok = AutoTokenizer.from_pretrained(out)
     model = GPT2LMHeadModel.from_pretrained(out)

@@ -63,7 +63,11 @@ def test_sweep_tables_plots_and_resume_after_a_kill(corpus, tmp_path):
         rows = list(csv.DictReader(f))
     assert sorted((r["activation"], r["seed"]) for r in rows) == [("gelu", "0"), ("gelu", "1"), ("gem_n2", "0"),
                                                                   ("gem_n2", "1")]
-    assert all(r["metric"] == "perplexity" and float(r["final"]) > 1 for r in rows)
+    for r in rows:  # each row holds its own run's numbers, read from that run's folder here
+        metrics = json.loads((out / r["activation"] / f"seed{r['seed']}" / "metrics.json").read_text())
+        assert (metrics["args"]["activation"], str(metrics["args"]["seed"])) == (r["activation"], r["seed"])
+        assert r["metric"] == "perplexity"
+        assert (float(r["final"]), float(r["best"])) == (metrics["final"]["perplexity"], metrics["best"]["perplexity"])
     table = (out / "results.md").read_text()
     assert "| gelu | 2 |" in table and "| gem_n2 | 2 |" in table
     assert is_png(out / "curves.png")

@@ -170,9 +170,9 @@ def test_clm_update_carries_the_distillation_gradient_and_the_teacher_stays_froz
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    summary = run("clm", clm_argv(text_files, gpt2_checkpoint, out, *DISTILL, *ONE_INVERTIBLE_STEP,
-                                  "--max_train_samples", "4", "--per_device_train_batch_size", "2",
-                                  "--gradient_accumulation_steps", "2"))
+    run("clm", clm_argv(text_files, gpt2_checkpoint, out, *DISTILL, *ONE_INVERTIBLE_STEP,
+                        "--max_train_samples", "4", "--per_device_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "2"))
     before = AutoModelForCausalLM.from_pretrained(gpt2_checkpoint)
     got = recovered_gradients(before, AutoModelForCausalLM.from_pretrained(out))
 
@@ -201,7 +201,6 @@ def test_clm_update_carries_the_distillation_gradient_and_the_teacher_stays_froz
     assert train["aux_loss"] == 0.0 and train["distill_loss"] > 0
     assert math.isclose(train["loss"], train["task_loss"] + WEIGHT * train["distill_loss"], rel_tol=1e-12)
     on_disk = json.loads((out / "metrics.json").read_text())["distillation"]
-    assert on_disk == summary["distillation"]
     assert on_disk["weight"] == WEIGHT and on_disk["temperature"] == TEMPERATURE
     assert math.isclose(on_disk["mean_loss"], train["distill_loss"], rel_tol=1e-12)  # one step: one window
 

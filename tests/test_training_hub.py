@@ -38,7 +38,7 @@ def card_of(folder: Path):
 
 def test_trained_and_patched_folders_carry_a_model_card(text, tmp_path):
     scratch = tmp_path / "scratch"
-    summary = run("clm", [*text, *TINY, "--activation", "velu", "--max_train_steps", "2", "--output_dir", str(scratch)])
+    run("clm", [*text, *TINY, "--activation", "velu", "--max_train_steps", "2", "--output_dir", str(scratch)])
     card = card_of(scratch)
     assert card.data.library_name == "transformers"
     assert {"hf_gemact", "velu"} <= set(card.data.tags)
@@ -51,7 +51,6 @@ def test_trained_and_patched_folders_carry_a_model_card(text, tmp_path):
         assert float(shown[key]) == pytest.approx(metrics["final"][key], rel=1e-5), key
     assert "pip install hf_gemact" in card.text and "import hf_gemact" in card.text
     assert "README.md" in json.loads((scratch / checkpoint.OUTPUTS_FILE).read_text())["outputs"]
-    assert summary["final"] == metrics["final"]
 
     # surgery on that checkpoint: the base and every patched site are named
     patched = tmp_path / "patched"

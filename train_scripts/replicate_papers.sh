@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CPU-scale replication of the GEM and VeLU papers' comparisons (docs/RESULTS.md).
-# 2 CPU cores: about 20 minutes per task sweep. Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery]...
+# Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery]... (OUT, DATA: output and data folders)
+# The raw data of docs/RESULTS.md (docs/results/<task>) are OUT/<task> without model weights; see RESULTS.md
+# for the copy command and the time each task took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -10,9 +12,19 @@ TEXT=(--train_file "$DATA/text/tinyshakespeare.txt" --validation_split_percentag
 COMMON=(--learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 250 --eval_steps 50
         --no_save_model)
 
+# the commit every run of a task was made at (metrics.json records library versions, not the code's)
+record_commit() {
+  mkdir -p "$OUT/$1"
+  { echo "commit $(git rev-parse HEAD)"
+    if [ -n "$(git status --porcelain --untracked-files=no)" ]; then echo "worktree: modified"; else echo "worktree: clean"; fi
+    echo "started $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "command bash train_scripts/replicate_papers.sh $1"; } >> "$OUT/$1/commit.txt"
+}
+
 tasks=("$@")
 [ $# -gt 0 ] || tasks=(clm mlm image surgery)
 for task in "${tasks[@]}"; do
+  case $task in clm|mlm|image|surgery) record_commit "$task" ;; esac
   case $task in
   clm)
     hf-gemact sweep --task clm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/clm" -- "${TEXT[@]}" "${COMMON[@]}" \
@@ -22,12 +34,16 @@ for task in "${tasks[@]}"; do
       --config_overrides hidden_size=128,num_hidden_layers=2,num_attention_heads=4,intermediate_size=512,max_position_embeddings=128 \
       --max_seq_length 128 --per_device_train_batch_size 16 ;;
   image)
+    # the image script's default data (Fashion-MNIST) is looked up relative to the working folder; point it at DATA
+    HF_GEMACT_FASHION_MNIST=${HF_GEMACT_FASHION_MNIST:-$DATA/fashion-mnist} \
     hf-gemact sweep --task image --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/image" -- "${COMMON[@]}" \
       --config_overrides hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128 \
       --per_device_train_batch_size 64 --max_eval_samples 2000 ;;
   surgery)
     # a GPT-2 trained with its own activation (gelu_new), then patched to GEM: right after the patch,
-    # and recovering with and without gradual blending (t ramped over the first 50 steps)
+    # and recovering with and without gradual blending (t ramped over the first 50 steps); the control
+    # fine-tunes the unpatched model with the same flags and seeds, so recovery is judged against it
+    # and not against the pre-patch loss (the base model is still improving)
     S="$OUT/surgery"
     [ -f "$S/base/metrics.json" ] || python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
       --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
@@ -35,14 +51,24 @@ for task in "${tasks[@]}"; do
       --output_dir "$S/base" --overwrite_output_dir
     for blend in 0 50; do
       for seed in 0 1 2; do
+        [ -f "$S/gem_blend$blend/seed$seed/metrics.json" ] ||
         python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" \
           --block_size 128 --per_device_train_batch_size 16 --learning_rate 5e-4 --num_warmup_steps 0 \
           --max_train_steps 150 --eval_steps 25 --blend_steps $blend --seed $seed --no_save_model \
           --output_dir "$S/gem_blend$blend/seed$seed" --overwrite_output_dir
       done
     done
+    for seed in 0 1 2; do
+      [ -f "$S/control/seed$seed/metrics.json" ] ||
+      python train_scripts/run_clm.py --model_name_or_path "$S/base" "${TEXT[@]}" \
+        --block_size 128 --per_device_train_batch_size 16 --learning_rate 5e-4 --num_warmup_steps 0 \
+        --max_train_steps 150 --eval_steps 25 --blend_steps 0 --seed $seed --no_save_model \
+        --output_dir "$S/control/seed$seed" --overwrite_output_dir
+    done
+    [ -f "$S/gem_no_finetune/metrics.json" ] ||
     python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" --block_size 128 \
-      --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model ;;
+      --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model
+    hf-gemact tables "$S" ;;  # results.csv, results.md and curves.png of the surgery runs
   *) echo "unknown task $task (clm, mlm, image, surgery)" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,145 @@
+"""`hf-gemact tables DIR`: a task folder's results.md (and curves.png), rebuilt from its raw data.
+
+Two layouts (docs/results/ holds one of each per task of train_scripts/replicate_papers.sh):
+
+- a sweep's --output_dir: results.csv lists the runs, each in ACTIVATION/seedK with metrics.json and
+  log.jsonl; the table is the one the sweep writes (`sweep.tables`).
+- a surgery folder: `base/` (the checkpoint before surgery) and other single runs (a folder with
+  metrics.json), and groups of seeds (a folder of seedK runs) among which `control/` is the baseline.
+  The tables list the single runs, compare the groups with the control as a sweep compares
+  activations, and give each run's validation loss at every evaluation; results.csv (one row per run)
+  is written from the runs' metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import sweep
+
+SEED_DIR = re.compile(r"^seed(\d+)$")
+SURGERY_BASELINE = "control"
+
+
+def is_surgery_folder(folder: Path) -> bool:
+    return (folder / "base").is_dir()
+
+
+def _read_metrics(path: Path) -> dict:
+    """A run's metrics.json with a number at final.loss and best.loss, or TablesError naming it."""
+    if not path.is_file():
+        raise sweep.TablesError(f"{path}: not found")
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise sweep.TablesError(f"{path}: unreadable ({err})") from None
+    for part in ("final", "best"):
+        value = metrics.get(part, {}).get("loss") if isinstance(metrics, dict) and isinstance(
+            metrics.get(part), dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise sweep.TablesError(f"{path}: unreadable (no number at {part}.loss)")
+    return metrics
+
+
+def _loss_row(name: str, seed, run_dir: Path) -> dict:
+    """A sweep row of one surgery run, scored by validation loss (not the clm default, perplexity)."""
+    metrics = _read_metrics(run_dir / "metrics.json")
+    row = sweep.run_row(sweep.Run(name, seed, run_dir), {**metrics, "task": None})
+    row["perplexity"] = metrics["final"].get("perplexity")
+    row["model_activation"] = metrics.get("activation", "")
+    return row
+
+
+def surgery_runs(folder: Path) -> tuple:
+    """(single runs, grouped runs): rows of the folders with a metrics.json, and of every seedK run
+    of the folders made of seeds; sorted by name and seed."""
+    singles, grouped = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        seeds = sorted((int(m.group(1)), p) for p in sub.iterdir() if p.is_dir() and (m := SEED_DIR.match(p.name)))
+        if (sub / "metrics.json").exists():
+            singles.append(_loss_row(sub.name, None, sub))
+        elif seeds:
+            grouped += [_loss_row(sub.name, seed, run_dir) for seed, run_dir in seeds]
+    if not any(row["activation"] == SURGERY_BASELINE for row in grouped):
+        raise sweep.TablesError(f"{folder / SURGERY_BASELINE}: not found or without seedK runs (the unpatched "
+                                "model fine-tuned like the patched ones; train_scripts/replicate_papers.sh makes it)")
+    for row in grouped:
+        sweep._check_log(Path(row["output_dir"]) / "log.jsonl", "loss")
+    return singles, grouped
+
+
+def _eval_losses(run_dir: Path) -> dict:
+    from .plotting import read_eval_curve
+
+    return dict(read_eval_curve(run_dir, "loss"))
+
+
+def render_surgery(singles: list, grouped: list) -> str:
+    lines = ["Single runs: validation loss and perplexity at the end of the run.", "",
+             "| run | activation | steps | validation loss | perplexity |", "|---|---|---:|---:|---:|"]
+    for row in singles:
+        lines.append(f"| {row['activation']} | {row['model_activation']} | {row['steps']} | "
+                     f"{row['final']:.4f} | {sweep._fmt(row['perplexity'], 2)} |")
+    lines += ["", "Fine-tuned groups, compared with the unpatched control:", "",
+              sweep.render_table(grouped, SURGERY_BASELINE, name="run").rstrip("\n"), "",
+              "Validation loss at each evaluation of the fine-tuning (each run):", ""]
+    curves = {f"{row['activation']}/seed{row['seed']}": _eval_losses(Path(row["output_dir"])) for row in grouped}
+    steps = sorted({step for curve in curves.values() for step in curve})
+    lines += ["| run | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|---|" + "---:|" * len(steps)]
+    for label, curve in curves.items():
+        lines.append(f"| {label} | " + " | ".join(sweep._fmt(curve.get(s)) for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def surgery_tables(folder, write: bool = True) -> str:
+    """The surgery folder's results.md; with `write`, also its results.csv and curves.png."""
+    from .plotting import plot_runs
+
+    folder = Path(folder)
+    singles, grouped = surgery_runs(folder)
+    text = render_surgery(singles, grouped)
+    if write:
+        target = folder / "results.md"
+        try:
+            target.write_text(text)
+            target = sweep.write_csv(singles + grouped, folder / "results.csv")
+            target = folder / "curves.png"
+            plot_runs(sweep.curve_groups(grouped), target, metric="loss",
+                      title="validation loss during the fine-tuning (mean over seeds, band = min..max)",
+                      references={f"{row['activation']} ({row['final']:.4f})": row["final"] for row in singles})
+        except OSError as err:
+            raise sweep.TablesError(f"{target}: cannot write it ({err.strerror or err})") from None
+    return text
+
+
+def tables(folder, baseline: str = "gelu", write: bool = True) -> str:
+    folder = Path(folder)
+    if folder.is_dir() and is_surgery_folder(folder):
+        return surgery_tables(folder, write)
+    return sweep.tables(folder, baseline, write)
+
+
+def _cmd_tables(args) -> int:
+    from .cli import CommandError
+
+    try:
+        text = tables(args.folder, args.baseline)
+    except sweep.TablesError as err:
+        raise CommandError(str(err)) from None
+    sys.stdout.write(text)
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tables", help="rebuild a task folder's results.md (and curves.png) from its runs' raw data",
+        description="DIR is a finished sweep's --output_dir (results.csv and ACTIVATION/seedK runs, each with "
+                    "metrics.json and log.jsonl) or a surgery folder (base/, control/seedK, ...). Prints the "
+                    "tables and writes DIR/results.md and DIR/curves.png.")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--baseline", default="gelu", help="the activation the others are compared with (sweeps)")
+    p.set_defaults(func=_cmd_tables)
