@@ -30,7 +30,8 @@ for task in "${tasks[@]}"; do
     hf-gemact sweep --task clm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/clm" -- "${TEXT[@]}" "${COMMON[@]}" \
       --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 ;;
   mlm)
-    hf-gemact sweep --task mlm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/mlm" -- "${TEXT[@]}" "${COMMON[@]}" \
+    # egem_n1_eps10: the GEM paper's best BERT-small activation
+    hf-gemact sweep --task mlm --activations $ACTS egem_n1_eps10 --seeds 0 1 2 --output_dir "$OUT/mlm" -- "${TEXT[@]}" "${COMMON[@]}" \
       --config_overrides hidden_size=128,num_hidden_layers=2,num_attention_heads=4,intermediate_size=512,max_position_embeddings=128 \
       --max_seq_length 128 --per_device_train_batch_size 16 ;;
   image)
