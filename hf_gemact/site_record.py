@@ -107,14 +107,15 @@ class _LogHistogram:
 class _Reservoir:
     """A uniform sample without replacement of at most `capacity` values of a stream (Algorithm R,
     vectorised per batch; when several items of one batch land in one slot the last one wins, as
-    in the sequential algorithm). Each value carries a companion (its row's mean square)."""
+    in the sequential algorithm). Each value carries `width` companions (its row's mean square and
+    the site's output for it)."""
 
-    def __init__(self, capacity: int, seed: int):
+    def __init__(self, capacity: int, seed: int, width: int = 2):
         self.capacity = capacity
         self.seed = seed
         self.generator = None
         self.values = torch.empty(capacity, dtype=torch.float32)
-        self.companion = torch.empty(capacity, dtype=torch.float32)
+        self.companion = torch.empty(capacity, width, dtype=torch.float32)
         self.filled = 0
         self.seen = 0
 
@@ -125,7 +126,7 @@ class _Reservoir:
             self.companion = self.companion.to(device)
 
     def offer(self, values: torch.Tensor, companion_of) -> None:
-        """values: 1-d float32; companion_of(index tensor) -> the companions of those items."""
+        """values: 1-d float32; companion_of(index tensor) -> the (items, width) companions of those items."""
         m = values.numel()
         if self.capacity == 0 or m == 0:
             return
@@ -195,21 +196,21 @@ class SiteRecord:
                              f"{self.n_units} before; one recorder cannot mix models or layouts")
         x2, y2 = _rows(x, mask), _rows(y, mask)
         self.calls += 1
-        self._observe_input(x2)
+        self._observe_input(x2, y2)
         self._observe_output(y2)
         self._observe_units(x2)
 
-    def _observe_input(self, rows: torch.Tensor) -> None:
+    def _observe_input(self, rows: torch.Tensor, outputs: torch.Tensor) -> None:
         values = rows.float().flatten()
         if values.numel() == 0:
             return
         lo, hi = torch.aminmax(values)  # NaN or inf anywhere shows in them: no isfinite pass needed
-        rows_of = None
+        flat_of = None
         if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
             finite = torch.isfinite(values)
             self.n_nonfinite_input += values.numel() - int(finite.sum())
             values = values[finite]
-            rows_of = finite.nonzero().flatten() // rows.shape[-1]
+            flat_of = finite.nonzero().flatten()
             if values.numel() == 0:
                 return
             lo, hi = torch.aminmax(values)
@@ -217,11 +218,12 @@ class SiteRecord:
         self.histogram.update(values)
         if self.reservoir.capacity:
             row_ms = rows.float().square().mean(-1)
+            output = outputs.float().flatten()
             units = rows.shape[-1]
 
             def companion_of(items):
-                row = rows_of[items] if rows_of is not None else torch.div(items, units, rounding_mode="floor")
-                return row_ms[row]
+                flat = flat_of[items] if flat_of is not None else items
+                return torch.stack([row_ms[torch.div(flat, units, rounding_mode="floor")], output[flat]], -1)
 
             self.reservoir.offer(values, companion_of)
 
@@ -263,7 +265,11 @@ class SiteRecord:
 
     def sample_row_mean_square(self) -> torch.Tensor:
         """For each sampled value, mean(x^2) over the row (last dimension) it came from."""
-        return self.reservoir.companion[: self.reservoir.filled]
+        return self.reservoir.companion[: self.reservoir.filled, 0]
+
+    def sample_output(self) -> torch.Tensor:
+        """For each sampled value, the site's output for it (what calibrated surgery fits to)."""
+        return self.reservoir.companion[: self.reservoir.filled, 1]
 
     def unit_mean(self, name: str = "input") -> torch.Tensor:
         """Per-unit mean over every recorded position of the input ("input") or of a function

@@ -40,7 +40,8 @@ from .site_record import DEFAULT_SAMPLE_SIZE, NEAR_ZERO, QUANTILE_RELATIVE_ERROR
 
 
 def _select_sites(model, sites):
-    from .surgery import NoActivationError, find_sites
+    from .surgery.errors import NoActivationError
+    from .surgery.sites import find_sites
 
     found = find_sites(model)
     what = f"{type(model).__name__}"
@@ -234,7 +235,7 @@ def sparsity_summary(model: nn.Module, batches, *, forward: nn.Module | None = N
     """`ActivationRecorder.overall` of the MLP sites on the first `max_batches` batches: what the
     training loop writes into metrics.json ("activation_sparsity") and `hf-gemact sweep` tabulates.
     A model without MLP activation site gets {"skipped": why}."""
-    from .surgery import NoActivationError
+    from .surgery.errors import NoActivationError
 
     try:
         recorder = ActivationRecorder(model, sample_size=0, near_zero=near_zero)

@@ -23,7 +23,7 @@ import torch
 
 from .cli import HUB_ID as _HUB_ID
 from .cli import CommandError, one_line as _one_line
-from .inspect_stats import DEFAULT_STATS_SAMPLES, check_stats_flags, print_stats
+from .inspect_stats import DEFAULT_STATS_SAMPLES, check_stats_flags, data_location, print_stats, stats_batches
 from .stats import NEAR_ZERO
 from .surgery import describe_sites
 
@@ -277,6 +277,29 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+CALIBRATION_SAMPLES = 128  # --calibrate's default: a few batches are enough to fit a handful of parameters
+
+
+def check_calibration_flags(args) -> None:
+    if args.calibration_samples is not None and args.calibrate is None:
+        raise CommandError("--calibration_samples only goes with --calibrate FILE_OR_DATASET")
+    if args.calibrate is not None:
+        if args.blend is not None:
+            raise CommandError("--calibrate and --blend do not go together (the bias correction is exact for the new "
+                               "activation, not for a blend); pass one of them")
+        with _as_calibrate_flag():
+            data_location(args.calibrate)
+
+
+@contextlib.contextmanager
+def _as_calibrate_flag():
+    """inspect --stats' data readers name their flag --data; here the same data come from --calibrate."""
+    try:
+        yield
+    except CommandError as err:
+        raise CommandError(str(err).replace("--data", "--calibrate", 1)) from err
+
+
 def cmd_patch(args) -> int:
     import hf_gemact
     from .hub import push_folder, write_model_card
@@ -287,11 +310,17 @@ def cmd_patch(args) -> int:
     target = destination(args.src, args.dst, args.overwrite)
     repo = _hub_repo(args, target)
     canonical_name(args.act)
+    check_calibration_flags(args)
 
     model = load_checkpoint(args.src).eval()
     reference = copy.deepcopy(model)
+    calibrate = None
+    if args.calibrate is not None:
+        with _as_calibrate_flag():
+            calibrate, n = stats_batches(model, args.src, args.calibrate, args.calibration_samples or CALIBRATION_SAMPLES)
+        print(f"calibrating on {n} samples of {args.calibrate}")
     report = hf_gemact.patch_activations(model, args.act, layers=args.layers,
-                                         blend=args.blend is not None, heads=args.heads)
+                                         blend=args.blend is not None, heads=args.heads, calibrate=calibrate)
     if args.blend is not None:
         hf_gemact.set_blend(model, args.blend)
     print(report)
@@ -365,6 +394,12 @@ def add_subcommands(subparsers) -> None:
                    help="save a blended model at t=T in [0, 1] instead of a direct patch")
     p.add_argument("--heads", action="store_true",
                    help="also patch activations outside the blocks (MLM-head transform, pooler, ...)")
+    p.add_argument("--calibrate", default=None, metavar="FILE_OR_DATASET",
+                   help="calibrate the patch on this data (as --data of inspect --stats): per site the family's "
+                        "free parameters are fitted to the old activation and the remaining mean error is folded "
+                        "into the bias of the projection that reads it")
+    p.add_argument("--calibration_samples", type=_positive_int, default=None, metavar="K",
+                   help=f"with --calibrate: use its first K samples (default {CALIBRATION_SAMPLES})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if it is a non-empty folder (never allowed: DST = SRC, inside or around it)")
     p.add_argument("--push_to_hub", action="store_true",

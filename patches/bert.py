@@ -5,4 +5,5 @@ pooler's ``Tanh`` are head sites: left alone unless ``heads=True``."""
 
 from .generic import Recipe, parent_class_ends_with
 
-RECIPE = Recipe("bert", is_mlp=parent_class_ends_with("Intermediate"), config_attrs=("hidden_act",))
+RECIPE = Recipe("bert", is_mlp=parent_class_ends_with("Intermediate"), config_attrs=("hidden_act",),
+                projections=("block.output.dense",))

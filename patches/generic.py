@@ -38,11 +38,16 @@ class Recipe:
     """How to find a family's MLP activations: ``is_mlp(parent, child_name, path_in_block)`` decides
     the role of an activation site found inside a transformer block (path_in_block is the site's
     path below the block, e.g. ``mlp.act``); ``config_attrs`` are the config attributes (in order
-    of preference) the MLP activation is built from."""
+    of preference) the MLP activation is built from; ``projections`` are the paths of the module
+    that reads the activation's output (calibrated surgery folds a bias correction into it),
+    relative to the site's parent or, written ``block.PATH``, to its block; the first that exists
+    is used. None (the generic recipe) infers it: the one linear layer reading the activation's
+    width, unless two write it (a gated MLP, whose activation error is multiplied, not added)."""
 
     family: str
     is_mlp: Callable = _no_attention_between
     config_attrs: tuple = GENERIC_CONFIG_ATTRS
+    projections: tuple | None = None
 
 
 RECIPE = Recipe("generic")

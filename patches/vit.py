@@ -5,4 +5,5 @@ transformers < 5.9 holds it in ``ViTIntermediate.intermediate_act_fn``, >= 5.9 i
 
 from .generic import Recipe, parent_class_ends_with
 
-RECIPE = Recipe("vit", is_mlp=parent_class_ends_with("Intermediate", "MLP"), config_attrs=("hidden_act",))
+RECIPE = Recipe("vit", is_mlp=parent_class_ends_with("Intermediate", "MLP"), config_attrs=("hidden_act",),
+                projections=("fc2", "block.output.dense"))

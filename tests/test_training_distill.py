@@ -305,6 +305,11 @@ def test_image_update_carries_the_distillation_gradient_of_the_classes(image_fol
     ("clm", True, ["--activation", "gem", "--distill_weight", "nan"], "--distill_weight nan: must be a finite number >= 0"),
     ("clm", True, ["--activation", "gem", "--distill_weight", "1", "--distill_temperature", "0"],
      "--distill_temperature 0.0: must be a finite number > 0"),
+    ("clm", True, ["--calibration_samples", "4"], "--calibration_samples needs --model_name_or_path and --activation"),
+    ("clm", False, ["--calibration_samples", "4", "--activation", "gem"], "--calibration_samples needs --model_name_or_path"),
+    ("clm", True, ["--activation", "gem", "--calibration_samples", "4", "--blend_steps", "1"],
+     "--calibration_samples and --blend_steps do not go together"),
+    ("clm", True, ["--activation", "gem", "--calibration_samples", "-1"], "--calibration_samples -1: must be >= 0"),
 ])
 def test_distillation_without_a_teacher_or_with_bad_numbers_is_refused(task, pretrained, extra, message, gpt2_checkpoint,
                                                                       text_files, image_folders, tmp_path, capsys):
@@ -340,6 +345,33 @@ def test_a_tokenizer_larger_than_the_teachers_vocabulary_is_refused(gpt2_checkpo
         run("clm", clm_argv(text_files, gpt2_checkpoint, out, *DISTILL, "--tokenizer_name", str(tmp_path / "tok"),
                             "--max_train_steps", "1"))
     assert not (out / "log.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- calibrated surgery
+
+
+def test_calibration_samples_calibrate_the_patch_on_the_first_training_blocks(gpt2_checkpoint, text_files, tmp_path):
+    """--calibration_samples K: the saved model is the checkpoint patched with calibrate= the first
+    K training blocks in training batches (computed here through the library on blocks tokenized
+    here), and metrics.json's surgery note shows the calibration."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    run("clm", clm_argv(text_files, gpt2_checkpoint, out, "--activation", "egem_n2", "--calibration_samples", "4",
+                        "--per_device_train_batch_size", "2", "--max_train_steps", "0"))
+    blocks = first_blocks(text_files[1], AutoTokenizer.from_pretrained(gpt2_checkpoint), 4)
+    expected = AutoModelForCausalLM.from_pretrained(gpt2_checkpoint).eval()
+    report = hf_gemact.patch_activations(expected, "egem_n2", calibrate=[
+        {"input_ids": blocks[i:i + 2], "attention_mask": torch.ones_like(blocks[i:i + 2])} for i in (0, 2)])
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    (change,) = report.changes
+    assert change.new != "egem" and saved.config.activation_function == change.new
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    original = AutoModelForCausalLM.from_pretrained(gpt2_checkpoint)
+    assert not torch.equal(saved.transformer.h[0].mlp.c_proj.bias, original.transformer.h[0].mlp.c_proj.bias)
+    note = json.loads((out / "metrics.json").read_text())["surgery"]
+    assert "calibration" in note and change.new in note and "c_proj" in note
 
 
 # ----------------------------------------------------------------------------- resume, processes

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..aux_loss import ensure_aux_hook
 from ..patches import recipe_for
 from ..registry import make_activation
 from .blend import BlendedActivation, _check_t
+from .calibrate import SiteCalibration, calibrate_sites, fold_bias
 from .errors import LayerSelectionError, NoActivationError, SurgeryError
 from .record import BLEND_ATTR, RECORD_ATTR, _STATE, _get_state, _set_or_del, _site_name, _State, _sync_config
 from .sites import _build, _reference_tensor, _resolve_layers, canonical_name, find_sites, guess_name
@@ -25,6 +27,7 @@ class SiteChange:
     old: str | None
     new: str | None
     blend_t: float | None = None
+    calibration: SiteCalibration | None = None  # patch_activations(..., calibrate=batches)
 
 
 @dataclass
@@ -54,6 +57,10 @@ class SurgeryReport:
             block = "-" if c.block is None else str(c.block)
             new = str(c.new) + (f"  (blend t={c.blend_t:g})" if c.blend_t is not None else "")
             lines.append(f"  {block:>5}  {c.path:<{width}}  {str(c.old):<16} {new}")
+        calibrated = [c for c in self.changes if c.calibration is not None]
+        if calibrated:
+            lines.append("  calibration (mean squared difference to the old activation on the calibration data):")
+            lines += [f"    {c.path}: {c.calibration}" for c in calibrated]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -68,7 +75,7 @@ def _taken_out_by_patch(module, blend: bool):
 
 
 def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = False,
-                      heads: bool = False, recipe=None) -> SurgeryReport:
+                      heads: bool = False, recipe=None, calibrate=None) -> SurgeryReport:
     """Replace the feed-forward (MLP) activations of `model` in place by `act` (any hf_gemact or
     transformers name) and record the change in `model.config`.
 
@@ -116,6 +123,14 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
                            f"has none: pass the transformers model (a PreTrainedModel)")
     removed = [m for m in (_taken_out_by_patch(s.module, blend) for s in selected) if m is not None]
     _refuse_parameter_change_under_ddp("patch_activations", ddp, [added], removed)
+    if calibrate is not None and blend:
+        raise SurgeryError("patch_activations: calibrate and blend=True do not go together (the bias correction "
+                           "is exact for the new activation alone, not for a blend of it with the old one); "
+                           "calibrate a plain patch, or blend without calibration")
+    calibrated = {}
+    if calibrate is not None:
+        results = calibrate_sites(model, selected, name, calibrate, recipe, _reference_tensor(model))
+        calibrated = {s.path: result for s, result in zip(selected, results)}
 
     state = _get_state(model, recipe, sites)
     changes = []
@@ -127,12 +142,21 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         else:
             base, base_name = current, old_name
         ref = _reference_tensor(s.parent, model)
-        new = _build(name, ref)
+        calibration = None
+        if s.path in calibrated:
+            new, calibration, projection, correction = calibrated[s.path]
+            if projection is not None:
+                path = calibration.projection + ".bias"
+                state.biases.setdefault(path, projection.bias.detach().clone())
+                fold_bias(projection, correction)
+        else:
+            new = _build(name, ref)
         if blend:
             new = BlendedActivation(base, new, 0.0, base_name, name)
         state.originals.setdefault(s.path, current)
         setattr(s.parent, s.attr, new)
-        changes.append(SiteChange(s.path, s.block, s.role, old_name, name, 0.0 if blend else None))
+        new_name = calibration.fitted if calibration is not None else name
+        changes.append(SiteChange(s.path, s.block, s.role, old_name, new_name, 0.0 if blend else None, calibration))
     _sync_config(model, state)
     ensure_aux_hook(model)
     return SurgeryReport("patch" + (" (blend)" if blend else ""), recipe.family, changes)
@@ -165,6 +189,9 @@ def restore_activations(model: nn.Module) -> SurgeryReport:
         _match_if_moved(original, _reference_tensor(site.parent, model))
         setattr(site.parent, site.attr, original)
         changes.append(SiteChange(path, site.block, site.role, old_name, guess_name(original, [state.orig_attr_value])))
+    with torch.no_grad():
+        for path, original in state.biases.items():
+            model.get_parameter(path).copy_(original)
     config = model.config
     if state.attr:
         setattr(config, state.attr, state.orig_attr_value)

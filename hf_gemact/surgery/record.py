@@ -25,6 +25,7 @@ class _State:
     orig_record: object
     orig_blend: object
     originals: dict = field(default_factory=dict)  # full path -> module before the first patch
+    biases: dict = field(default_factory=dict)  # projection bias path -> its value before calibration
 
 
 _MISSING = object()

@@ -47,6 +47,10 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     m.add_argument("--blend_steps", type=int, default=0, help="surgery on a pretrained model: "
                    "blend old -> new activation over the first K optimizer steps, then finalize "
                    "(K may not exceed the run's optimizer steps)")
+    m.add_argument("--calibration_samples", type=int, default=0, metavar="K", help="surgery on a pretrained "
+                   "model: calibrate the patch on the first K training examples (per site: the family's free "
+                   "parameters fitted to the old activation, and the remaining mean error folded into the bias "
+                   "of the projection that reads it; docs/SURGERY.md). 0: a plain patch")
     m.add_argument("--distill_weight", type=float, default=0.0, help="surgery on a pretrained model: add W x "
                    "the KL divergence from the unpatched checkpoint's output distribution (the teacher) to the "
                    "patched model's, per scored position (0: off)")
@@ -253,7 +257,7 @@ _INT_MIN = (("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1
             ("gradient_accumulation_steps", 1), ("logging_steps", 1), ("num_train_epochs", 1),
             ("max_train_steps", 0), ("eval_steps", 1), ("num_warmup_steps", 0), ("max_train_samples", 1),
             ("max_eval_samples", 1), ("preprocessing_num_workers", 1), ("vocab_size", 1), ("block_size", 2),
-            ("max_seq_length", 3), ("stop_after_steps", 1), ("save_total_limit", 1), ("blend_steps", 0),
+            ("max_seq_length", 3), ("stop_after_steps", 1), ("save_total_limit", 1), ("blend_steps", 0), ("calibration_samples", 0),
             ("eval_mask_seed", 0), ("seed", 0))
 
 
@@ -372,6 +376,12 @@ def validate(args: argparse.Namespace, task: str) -> argparse.Namespace:
     if args.blend_steps and not (args.model_name_or_path and args.activation):
         raise UsageError("--blend_steps needs --model_name_or_path and --activation (it blends a "
                          "pretrained model's activation into the new one)")
+    if args.calibration_samples and not (args.model_name_or_path and args.activation):
+        raise UsageError("--calibration_samples needs --model_name_or_path and --activation (it calibrates the "
+                         "patch of a pretrained model's activations)")
+    if args.calibration_samples and args.blend_steps:
+        raise UsageError("--calibration_samples and --blend_steps do not go together (the bias correction is "
+                         "exact for the new activation, not for a blend); pass one of them")
     check_distillation(args)
     check_blend(args, args.max_train_steps)
     cs = args.checkpointing_steps

@@ -169,6 +169,22 @@ def _select(dataset, n):
     return dataset.select(range(min(n, len(dataset)))) if n is not None else dataset
 
 
+def calibrate_surgery(model, setup: Setup, args, inputs) -> str:
+    """--calibration_samples K: the plain patch that build_model made is undone (bit-identically) and
+    made again, calibrated on the first K training examples, collated in training batches;
+    inputs(batch) picks the model inputs. Returns the surgery note of the calibrated patch."""
+    from transformers import default_data_collator
+
+    from ..surgery import restore_activations
+
+    restore_activations(model)
+    collate = setup.collate_fn or default_data_collator
+    rows = [setup.train_dataset[i] for i in range(min(args.calibration_samples, len(setup.train_dataset)))]
+    size = args.per_device_train_batch_size
+    batches = [inputs(collate(rows[i:i + size])) for i in range(0, len(rows), size)]
+    return surgery_note(patch_activations(model, args.activation, calibrate=batches))
+
+
 def surgery_note(report) -> str | None:
     """The surgery report as metrics.json keeps it."""
     return None if report is None else str(report)

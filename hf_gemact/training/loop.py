@@ -34,6 +34,7 @@ from .preflight import announce, check_precision
 from .preflight import resume_state as read_resume_state
 from .run_files import (RunLog, command_line, jsonable, library_versions, prepare_output_dir, run_summary,
                         top_level_files, write_json, written_since)
+from .common import calibrate_surgery
 from .tasks import TASKS, current_activation, distillation_kl
 
 
@@ -76,6 +77,8 @@ class Training:
         self.spec = spec = TASKS[self.task]()
         self.data = setup = spec.setup(args, accelerator)  # every remaining UsageError is raised here
         model = setup.model
+        if args.calibration_samples:
+            setup.info["surgery"] = calibrate_surgery(model, setup, args, spec.inputs)
         # The teacher is not passed to prepare(): it has nothing to train, so no DDP/FSDP wrapper (DDP
         # refuses a model without trainable parameters) and no optimizer; it runs on this process's
         # device under the run's autocast (see distillation_loss).
