@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hf_gemact
 from hf_gemact.registry import parse_activation

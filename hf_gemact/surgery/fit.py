@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formulas
 from ..registry import ActivationSpec, format_activation, parse_activation
 
 # The family's parameters that calibration fits; the others (N, VeLU's eps, dim, lambda_ot) stay as named.
