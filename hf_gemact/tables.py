@@ -92,7 +92,33 @@ def render_surgery(singles: list, grouped: list) -> str:
               "|---|" + "---:|" * len(steps)]
     for label, curve in curves.items():
         lines.append(f"| {label} | " + " | ".join(sweep._fmt(curve.get(s)) for s in steps) + " |")
+    lines += ["", f"Steps each group needs to come within {CATCH_UP_NATS} nats of the control (first evaluation "
+                  "where the group's mean validation loss over seeds is at most the control's mean + "
+                  f"{CATCH_UP_NATS}):", "", "| run | steps |", "|---|---:|"]
+    for name, steps_needed in catch_up_steps(grouped, curves, steps).items():
+        lines.append(f"| {name} | {steps_needed if steps_needed is not None else f'not within {steps[-1]}'} |")
     return "\n".join(lines) + "\n"
+
+
+CATCH_UP_NATS = 0.01
+
+
+def catch_up_steps(grouped: list, curves: dict, steps: list) -> dict:
+    """group -> the first evaluated step at which its mean loss is within CATCH_UP_NATS of the
+    control's mean at that step (None if never); means over the seeds evaluated at that step."""
+    def mean_curve(name):
+        runs = [curves[f"{row['activation']}/seed{row['seed']}"] for row in grouped if row["activation"] == name]
+        return {s: sum(c[s] for c in runs) / len(runs) for s in steps if all(s in c for c in runs)}
+
+    control = mean_curve(SURGERY_BASELINE)
+    found = {}
+    for name in dict.fromkeys(row["activation"] for row in grouped):
+        if name == SURGERY_BASELINE:
+            continue
+        curve = mean_curve(name)
+        found[name] = next((s for s in steps if s in curve and s in control
+                            and curve[s] <= control[s] + CATCH_UP_NATS), None)
+    return found
 
 
 def surgery_tables(folder, write: bool = True) -> str:

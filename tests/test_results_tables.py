@@ -161,7 +161,7 @@ def test_surgery_tables_compare_the_patched_runs_with_the_control(tmp_path, caps
     # the figure: each group's mean curve, and the single runs' levels as horizontal lines
     assert drawn["base (5.3000)"] == [5.3, 5.3] and drawn["gem_no_finetune (5.6000)"] == [5.6, 5.6]
     assert drawn["gem_blend0 (n=2)"] == pytest.approx([statistics.mean(DIRECT) + 0.5, statistics.mean(DIRECT)])
-    rows = table_rows(out)
+    rows = table_rows(out.split("Steps each group needs")[0])
     assert rows["base"][1:] == ["gelu_new", "500", "5.3000", "200.34"]
     assert rows["gem_no_finetune"][1:] == ["gem", "0", "5.6000", "270.40"]
     direct = rows["gem_blend0"]
@@ -183,3 +183,27 @@ def test_surgery_without_its_control_is_refused(tmp_path, capsys):
         (folder / "control" / f"seed{seed}").rmdir()
     code, _, err = tables(capsys, folder)
     assert code == 2 and str(folder / "control") in err and len(err.strip().splitlines()) == 1
+
+
+def test_surgery_tables_give_the_steps_each_group_needs_to_come_within_001_nats_of_the_control(tmp_path, capsys):
+    """Group curves written here: 'slow' is within 0.01 of the control's mean only from step 75 on
+    (0.012 above it at step 50: not yet), 'never' stays 0.02 above it."""
+    folder = tmp_path / "surgery"
+    write_run(folder / "base", {"activation": "gelu_new", "steps": 500, "final": {"loss": 5.3}, "best": {"loss": 5.3}},
+              [(500, {"loss": 5.3})])
+    control = {0: [5.20, 5.10, 5.00, 4.90], 1: [5.22, 5.12, 5.02, 4.92]}  # seed -> loss at steps 25, 50, 75, 100
+    offsets = {"slow": [0.30, 0.012, 0.008, 0.0], "never": [0.02, 0.02, 0.02, 0.02]}
+    steps = [25, 50, 75, 100]
+    groups = {"control": control, **{name: {seed: [c + o for c, o in zip(curve, offs)] for seed, curve in control.items()}
+                                     for name, offs in offsets.items()}}
+    for name, seeds in groups.items():
+        for seed, curve in seeds.items():
+            write_run(folder / name / f"seed{seed}", {"task": "clm", "activation": name, "steps": 100,
+                                                      "tokens_per_s": 10.0, "final": {"loss": curve[-1]},
+                                                      "best": {"loss": min(curve)}},
+                      [(s, {"loss": v}) for s, v in zip(steps, curve)])
+    code, out, err = tables(capsys, folder)
+    assert code == 0, err
+    part = out.split("come within 0.01 nats of the control")[1]
+    rows = table_rows(part)
+    assert rows["slow"][1] == "75" and rows["never"][1] == "not within 100"
