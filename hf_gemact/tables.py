@@ -121,6 +121,46 @@ def catch_up_steps(grouped: list, curves: dict, steps: list) -> dict:
     return found
 
 
+def drift_table(record: dict) -> str:
+    """The markdown table of a drift.json: per activation, plain and calibrated, and their ratio."""
+    lm = record["results"][0]["kl"] is not None and record["results"][0]["loss_before"] is not None
+    head = "| activation | patch | hidden-state rel. error |" + (" next-token KL | loss jump |" if lm else "")
+    lines = [head, "|---|---|---:|" + ("---:|---:|" if lm else "")]
+    by_act = {}
+    for r in record["results"]:
+        by_act.setdefault(r["activation"], {})[r["calibrated"]] = r
+        row = f"| {r['activation']} | {'calibrated' if r['calibrated'] else 'plain'} | {r['rel_error']:.4f} |"
+        if lm:
+            row += f" {r['kl']:.4f} | {r['loss_after'] - r['loss_before']:+.4f} |"
+        lines.append(row)
+    lines += ["", "Calibrated damage as a fraction of the plain patch's (below 0.5: at most half):", "",
+              "| activation | hidden-state rel. error |" + (" next-token KL | loss jump |" if lm else ""),
+              "|---|---:|" + ("---:|---:|" if lm else "")]
+    for act, pair in by_act.items():
+        plain, cal = pair[False], pair[True]
+        row = f"| {act} | {cal['rel_error'] / plain['rel_error']:.3f} |"
+        if lm:
+            jump = (cal["loss_after"] - cal["loss_before"]) / (plain["loss_after"] - plain["loss_before"])
+            row += f" {cal['kl'] / plain['kl']:.3f} | {jump:.3f} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def drift_tables(folder: Path) -> str:
+    """The tables of every drift_NAME.json in `folder` (train_scripts/calibration_drift.py), by name."""
+    parts = []
+    for path in sorted(folder.glob("drift_*.json")):
+        try:
+            record = json.loads(path.read_text())
+            table = drift_table(record)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as err:
+            raise sweep.TablesError(f"{path}: unreadable ({err})") from None
+        parts.append(f"Right after surgery, {path.stem[len('drift_'):]} ({record['checkpoint'].split('/')[-1]}), "
+                     f"{record['calibration_samples']} calibration texts, {record['heldout_samples']} held-out texts "
+                     f"(activation_drift, means weighted by tokens):\n\n" + table)
+    return "\n".join(parts)
+
+
 def surgery_tables(folder, write: bool = True) -> str:
     """The surgery folder's results.md; with `write`, also its results.csv and curves.png."""
     from .plotting import plot_runs
@@ -128,6 +168,9 @@ def surgery_tables(folder, write: bool = True) -> str:
     folder = Path(folder)
     singles, grouped = surgery_runs(folder)
     text = render_surgery(singles, grouped)
+    drift = drift_tables(folder)
+    if drift:
+        text += "\n" + drift
     if write:
         target = folder / "results.md"
         try:

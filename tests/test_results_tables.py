@@ -207,3 +207,25 @@ def test_surgery_tables_give_the_steps_each_group_needs_to_come_within_001_nats_
     part = out.split("come within 0.01 nats of the control")[1]
     rows = table_rows(part)
     assert rows["slow"][1] == "75" and rows["never"][1] == "not within 100"
+
+
+def test_a_surgery_folder_shows_its_drift_records_with_the_calibrated_to_plain_ratios(tmp_path, capsys):
+    """drift_NAME.json (train_scripts/calibration_drift.py) written here by hand: the table shows each
+    number and the calibrated/plain ratios computed here."""
+    folder = surgery_folder(tmp_path / "surgery")
+    results = [{"activation": "egem_n2", "calibrated": False, "rel_error": 0.4, "kl": 0.2, "loss_before": 5.0,
+                "loss_after": 5.5},
+               {"activation": "egem_n2", "calibrated": True, "rel_error": 0.1, "kl": 0.01, "loss_before": 5.0,
+                "loss_after": 5.05}]
+    (folder / "drift_gpt2.json").write_text(json.dumps({"checkpoint": "x/base", "calibration_samples": 8,
+                                                        "heldout_samples": 16, "results": results}))
+    code, out, err = tables(capsys, folder)
+    assert code == 0, err
+    part = out.split("Right after surgery, gpt2 (base), 8 calibration texts, 16 held-out texts")[1]
+    ratios = part.split("at most half):")[1]
+    assert table_rows(ratios)["egem_n2"][1:] == [f"{0.1 / 0.4:.3f}", f"{0.01 / 0.2:.3f}", f"{0.05 / 0.5:.3f}"]
+    rows = [line for line in part.splitlines() if line.startswith("| egem_n2 | calibrated")]
+    assert rows == ["| egem_n2 | calibrated | 0.1000 | 0.0100 | +0.0500 |"]
+    (folder / "drift_gpt2.json").write_text("{")
+    code, out, err = tables(capsys, folder)
+    assert code == 2 and "drift_gpt2.json: unreadable" in err

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import hf_gemact
+from hf_gemact.tables import drift_table
 
 BATCH_SIZE = 16
 
@@ -104,31 +105,6 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     sys.stdout.write(drift_table(record))
     return 0
-
-
-def drift_table(record: dict) -> str:
-    """The markdown table of a drift.json: per activation, plain and calibrated, and their ratio."""
-    lm = record["results"][0]["kl"] is not None and record["results"][0]["loss_before"] is not None
-    head = "| activation | patch | hidden-state rel. error |" + (" next-token KL | loss jump |" if lm else "")
-    lines = [head, "|---|---|---:|" + ("---:|---:|" if lm else "")]
-    by_act = {}
-    for r in record["results"]:
-        by_act.setdefault(r["activation"], {})[r["calibrated"]] = r
-        row = f"| {r['activation']} | {'calibrated' if r['calibrated'] else 'plain'} | {r['rel_error']:.4f} |"
-        if lm:
-            row += f" {r['kl']:.4f} | {r['loss_after'] - r['loss_before']:+.4f} |"
-        lines.append(row)
-    lines += ["", "Calibrated damage as a fraction of the plain patch's (below 0.5: at most half):", "",
-              "| activation | hidden-state rel. error |" + (" next-token KL | loss jump |" if lm else ""),
-              "|---|---:|" + ("---:|---:|" if lm else "")]
-    for act, pair in by_act.items():
-        plain, cal = pair[False], pair[True]
-        row = f"| {act} | {cal['rel_error'] / plain['rel_error']:.3f} |"
-        if lm:
-            jump = (cal["loss_after"] - cal["loss_before"]) / (plain["loss_after"] - plain["loss_before"])
-            row += f" {cal['kl'] / plain['kl']:.3f} | {jump:.3f} |"
-        lines.append(row)
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

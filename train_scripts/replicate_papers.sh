@@ -103,9 +103,7 @@ for task in "${tasks[@]}"; do
           --max_train_steps 150 --seed $seed --output_dir "$C/$name/seed$seed" --overwrite_output_dir
       done
     done
-    hf-gemact tables "$C"
-    for f in "$C"/drift_*.json; do python -c "import json, sys; sys.path.insert(0, 'train_scripts')
-from calibration_drift import drift_table; print(drift_table(json.load(open('$f'))))"; done ;;
+    hf-gemact tables "$C" ;;  # the fine-tuning tables and, from drift_*.json, the damage right after surgery
   *) echo "unknown task $task (clm, mlm, image, surgery, calibration)" >&2; exit 2 ;;
   esac
 done
