@@ -1,6 +1,6 @@
 """`hf-gemact tables DIR`: a task folder's results.md (and curves.png), rebuilt from its raw data.
 
-Two layouts (docs/results/ holds one of each per task of train_scripts/replicate_papers.sh):
+Three layouts (docs/results/ holds one per task of train_scripts/replicate_papers.sh):
 
 - a sweep's --output_dir: results.csv lists the runs, each in ACTIVATION/seedK with metrics.json and
   log.jsonl; the table is the one the sweep writes (`sweep.tables`).
@@ -8,7 +8,10 @@ Two layouts (docs/results/ holds one of each per task of train_scripts/replicate
   metrics.json), and groups of seeds (a folder of seedK runs) among which `control/` is the baseline.
   The tables list the single runs, compare the groups with the control as a sweep compares
   activations, and give each run's validation loss at every evaluation; results.csv (one row per run)
-  is written from the runs' metrics.json.
+  is written from the runs' metrics.json; drift_*.json files there (calibration_drift.py) become
+  tables of the damage right after surgery.
+- a learning-rate study: lrVALUE/ sweep folders of one task; each one's table, then every
+  activation at its best learning rate against the baseline at its best.
 """
 
 from __future__ import annotations
@@ -185,10 +188,48 @@ def surgery_tables(folder, write: bool = True) -> str:
     return text
 
 
+LR_DIR = re.compile(r"^lr(\d.*)$")
+
+
+def is_lr_study(folder: Path) -> bool:
+    """A folder of sweeps of one task, one per learning rate: lrVALUE/ (results.csv and its runs)."""
+    subs = [p for p in folder.iterdir() if p.is_dir()]
+    return bool(subs) and all(LR_DIR.match(p.name) and (p / "results.csv").is_file() for p in subs)
+
+
+def lr_study_tables(folder: Path, baseline: str = "gelu", write: bool = True) -> str:
+    """Each learning rate's sweep table, then every activation at its best learning rate (the one
+    with the best mean final metric over its seeds; diverged runs disqualify a learning rate),
+    compared with the baseline at its own best."""
+    studies = sorted((float(LR_DIR.match(p.name).group(1)), p) for p in folder.iterdir() if p.is_dir())
+    parts, best = [], {}
+    for lr, sub in studies:
+        parts.append(f"Learning rate {lr:g} (`{sub.name}`):\n\n" + sweep.tables(sub, baseline, write))
+        rows = sweep.rows_from_folder(sub)
+        higher = any(word in rows[0]["metric"] for word in sweep.HIGHER_IS_BETTER)
+        for act in dict.fromkeys(row["activation"] for row in rows):
+            group = [r for r in rows if r["activation"] == act]
+            if any(sweep.is_diverged(r["final"], r["best"]) for r in group):
+                continue
+            mean = sum(r["final"] for r in group) / len(group)
+            score = -mean if higher else mean
+            if act not in best or score < best[act][0]:
+                best[act] = (score, lr, group)
+    if baseline not in best:
+        raise sweep.TablesError(f"{folder}: {baseline} has no learning rate without a diverged run")
+    label = {act: f"{act} (lr {lr:g})" for act, (_, lr, _) in best.items()}
+    rows = [{**r, "activation": label[act]} for act, (_, _, group) in best.items() for r in group]
+    parts.append("Each activation at its best learning rate (best mean final value over its seeds):\n\n"
+                 + sweep.render_table(rows, label[baseline]))
+    return "\n".join(parts)
+
+
 def tables(folder, baseline: str = "gelu", write: bool = True) -> str:
     folder = Path(folder)
     if folder.is_dir() and is_surgery_folder(folder):
         return surgery_tables(folder, write)
+    if folder.is_dir() and is_lr_study(folder):
+        return lr_study_tables(folder, baseline, write)
     return sweep.tables(folder, baseline, write)
 
 

@@ -229,3 +229,19 @@ def test_a_surgery_folder_shows_its_drift_records_with_the_calibrated_to_plain_r
     (folder / "drift_gpt2.json").write_text("{")
     code, out, err = tables(capsys, folder)
     assert code == 2 and "drift_gpt2.json: unreadable" in err
+
+
+def test_a_learning_rate_study_compares_each_activation_at_its_best_learning_rate(tmp_path, capsys):
+    """Two sweeps written here: gem_n2 is best at lr 0.01, gelu at lr 0.001 (and velu diverges at
+    0.01, so its best is 0.001 whatever it scored there); the last table pairs them so."""
+    study = tmp_path / "lr"
+    sweep_folder(study / "lr1e-3", {"gelu": [30.0, 31.0], "gem_n2": [35.0, 36.0], "velu": [40.0, 41.0]})
+    sweep_folder(study / "lr1e-2", {"gelu": [33.0, 34.0], "gem_n2": [29.0, 29.5], "velu": [float("nan"), 50.0]})
+    code, out, err = tables(capsys, study)
+    assert code == 0, err
+    assert "Learning rate 0.001 (`lr1e-3`)" in out and "Learning rate 0.01 (`lr1e-2`)" in out
+    best = table_rows(out.split("Each activation at its best learning rate")[1])
+    assert best["gem_n2 (lr 0.01)"][3] == f"{statistics.mean([29.0, 29.5]):.4f} +- {statistics.stdev([29.0, 29.5]):.4f}"
+    assert float(best["gem_n2 (lr 0.01)"][5]) == pytest.approx(29.25 - 30.5)
+    assert best["gelu (lr 0.001)"][0] == "2" and best["gem_n2 (lr 0.01)"][0] == "1"
+    assert "velu (lr 0.001)" in best and not any(k.startswith("velu (lr 0.01") for k in best)

@@ -27,6 +27,8 @@ The package, one concern a file (each imports only those listed above it):
   record.py    the config record and the per-model state that `restore_activations` undoes
   wrappers.py  DataParallel / DDP / torch.compile / holder modules: which model a call works on
   rebuild.py   `apply_config_record`: the recorded activations rebuilt when a model is constructed
+  fit.py       calibrated surgery: a family's free parameters fitted to the old activation (float64)
+  calibrate.py calibrated surgery: the per-site passes over the calibration data and the bias correction
   api.py       patch_activations, restore_activations, set_blend, get_blend, finalize_blend
   drift.py     activation_drift
 """
