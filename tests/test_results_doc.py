@@ -30,7 +30,8 @@ def task_folders() -> list:
 
 def test_every_committed_task_folder_has_its_tables_in_results_md():
     assert task_folders() == sorted(doc_blocks())
-    assert {"docs/results/clm", "docs/results/mlm", "docs/results/image", "docs/results/surgery"} >= set(doc_blocks())
+    assert {"docs/results/clm", "docs/results/mlm", "docs/results/image", "docs/results/surgery",
+            "docs/results/calibration", "docs/results/lr"} >= set(doc_blocks())
 
 
 @pytest.mark.parametrize("folder", task_folders())

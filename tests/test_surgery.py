@@ -326,6 +326,20 @@ def test_activation_drift_on_a_language_model(gpt2_dir, gpt2, gpt2_batch):
     assert "KL" in str(drift) and "loss" in str(drift)
 
 
+def test_activation_drift_counts_only_the_real_tokens_of_a_padded_batch(bert, bert_batch):
+    """The hidden-state error is over the attention mask's positions, computed here from the two
+    models' last hidden states; padding positions (whatever the model makes of a pad) do not count."""
+    patched = copy.deepcopy(bert)
+    hf_gemact.patch_activations(patched, "gem")
+    mask = bert_batch["attention_mask"].bool()
+    assert not mask.all()  # the fixture's shorter sentence is padded
+    with torch.no_grad():
+        h0 = bert(**bert_batch).last_hidden_state[mask]
+        h1 = patched(**bert_batch).last_hidden_state[mask]
+    expected = float(torch.linalg.vector_norm(h1 - h0) / torch.linalg.vector_norm(h0))
+    assert hf_gemact.activation_drift(bert, patched, bert_batch).rel_error == pytest.approx(expected, rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- ViT
 
 

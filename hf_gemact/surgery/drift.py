@@ -12,7 +12,7 @@ from .wrappers import _unwrap
 
 @dataclass
 class DriftReport:
-    rel_error: float  # ||h_patched - h_ref|| / ||h_ref|| of the last hidden state
+    rel_error: float  # ||h_patched - h_ref|| / ||h_ref|| of the last hidden state (non-padding positions)
     kl: float | None = None  # mean KL(ref || patched) of the output distributions (next token for LMs)
     loss_before: float | None = None
     loss_after: float | None = None
@@ -33,7 +33,7 @@ def _is_causal_lm(model) -> bool:
 @torch.no_grad()
 def activation_drift(reference_model: nn.Module, patched_model: nn.Module, batch: dict) -> DriftReport:
     """How far a patch moves a model on `batch` (a dict of model inputs): relative error of the last
-    hidden state; when the models return logits, the mean KL(ref || patched) of the output
+    hidden state (over non-padding positions when the batch has an attention_mask); when the models return logits, the mean KL(ref || patched) of the output
     distributions (for causal LMs: next-token distributions over non-padding positions) and, for
     causal LMs or when `batch` has labels, the loss of each model."""
     reference_model, _ = _unwrap(reference_model, "activation_drift")
@@ -62,6 +62,10 @@ def activation_drift(reference_model: nn.Module, patched_model: nn.Module, batch
         return h if h is not None else out.hidden_states[-1]
 
     h0, h1 = last_hidden(ref).float(), last_hidden(new).float().to(last_hidden(ref).device)
+    if mask is not None and h0.dim() == 3 and h0.shape[:2] == mask.shape:
+        # padding positions are no data: their states are whatever the model makes of a pad token
+        keep = mask.to(h0.device).bool()
+        h0, h1 = h0[keep], h1[keep]
     rel = (torch.linalg.vector_norm(h1 - h0) / torch.linalg.vector_norm(h0).clamp_min(1e-30)).item()
     report = DriftReport(rel)
     logits0, logits1 = getattr(ref, "logits", None), getattr(new, "logits", None)
