@@ -21,6 +21,14 @@ record_commit() {
     echo "command bash train_scripts/replicate_papers.sh $1"; } >> "$OUT/$1/commit.txt"
 }
 
+# the checkpoint the surgery and calibration tasks patch: the CLM shape trained 500 steps with gelu_new
+train_surgery_base() {
+  python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
+    --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
+    --learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 500 --eval_steps 100 \
+    --output_dir "$1" --overwrite_output_dir
+}
+
 tasks=("$@")
 [ $# -gt 0 ] || tasks=(clm mlm image surgery)
 for task in "${tasks[@]}"; do
@@ -46,10 +54,7 @@ for task in "${tasks[@]}"; do
     # fine-tunes the unpatched model with the same flags and seeds, so recovery is judged against it
     # and not against the pre-patch loss (the base model is still improving)
     S="$OUT/surgery"
-    [ -f "$S/base/metrics.json" ] || python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
-      --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
-      --learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 500 --eval_steps 100 \
-      --output_dir "$S/base" --overwrite_output_dir
+    [ -f "$S/base/metrics.json" ] || train_surgery_base "$S/base"
     for blend in 0 50; do
       for seed in 0 1 2; do
         [ -f "$S/gem_blend$blend/seed$seed/metrics.json" ] ||
@@ -76,10 +81,7 @@ for task in "${tasks[@]}"; do
     # without distillation) against the unpatched control. Then the damage right after surgery on held-out
     # text (the validation lines; the real MiniLM: WikiText-2 test) for egem_n2, segem_n2, gem and velu.
     C="$OUT/calibration"
-    [ -f "$C/base/metrics.json" ] || python train_scripts/run_clm.py --activation gelu_new "${TEXT[@]}" \
-      --config_overrides n_layer=2,n_head=4,n_embd=128,n_positions=128 --block_size 128 --per_device_train_batch_size 16 \
-      --learning_rate 2e-3 --num_warmup_steps 30 --lr_scheduler_type cosine --max_train_steps 500 --eval_steps 100 \
-      --output_dir "$C/base" --overwrite_output_dir
+    [ -f "$C/base/metrics.json" ] || train_surgery_base "$C/base"
     head -n 4000 "$DATA/text/tinyshakespeare.txt" > "$C/heldout.txt"         # the validation split's lines
     tail -n +4001 "$DATA/text/tinyshakespeare.txt" > "$C/calibration.txt"    # the training split's
     [ -f "$C/drift_gpt2.json" ] || python train_scripts/calibration_drift.py "$C/base" --calibrate "$C/calibration.txt" \
