@@ -144,8 +144,7 @@ def patch_activations(model: nn.Module, act: str, *, layers=None, blend: bool = 
         ref = _reference_tensor(s.parent, model)
         calibration = None
         if calibrate is not None:  # on the model as patched so far: the sites before this one are in place
-            new, calibration, projection, correction = calibrate_site(model, reference, s, name, calibrate, recipe,
-                                                                      _reference_tensor(model))
+            new, calibration, projection, correction = calibrate_site(model, reference, s, name, calibrate, recipe, ref)
             if projection is not None:
                 path = calibration.projection + ".bias"
                 state.biases.setdefault(path, projection.bias.detach().clone())

@@ -108,7 +108,9 @@ def build_model(auto_class, args, config, **kwargs):
         model = _load_pretrained_weights(auto_class, args, config, **kwargs)
         if args.activation:
             teacher = frozen_copy(model) if args.distill_weight > 0 else None
-            report = patch_activations(model, args.activation, blend=args.blend_steps > 0)
+            # --calibration_samples: patched once the training data exist (calibrate_surgery)
+            report = (None if args.calibration_samples else
+                      patch_activations(model, args.activation, blend=args.blend_steps > 0))
             return model, report, teacher
         return model, None, None
     return auto_class.from_config(config, trust_remote_code=args.trust_remote_code), None, None
@@ -170,14 +172,11 @@ def _select(dataset, n):
 
 
 def calibrate_surgery(model, setup: Setup, args, inputs) -> str:
-    """--calibration_samples K: the plain patch that build_model made is undone (bit-identically) and
-    made again, calibrated on the first K training examples, collated in training batches;
-    inputs(batch) picks the model inputs. Returns the surgery note of the calibrated patch."""
+    """--calibration_samples K: the patch that build_model left for later, calibrated on the first K
+    training examples, collated in training batches; inputs(batch) picks the model inputs. Returns
+    the surgery note of the calibrated patch."""
     from transformers import default_data_collator
 
-    from ..surgery import restore_activations
-
-    restore_activations(model)
     collate = setup.collate_fn or default_data_collator
     rows = [setup.train_dataset[i] for i in range(min(args.calibration_samples, len(setup.train_dataset)))]
     size = args.per_device_train_batch_size
